@@ -1,0 +1,54 @@
+"""``python -m analysis VERB ...``: a thin fire layer over the package's functions.
+
+Only the module behind the chosen verb is imported, so ``km`` or ``table1`` start without
+loading torch or pyradiomics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import fire
+
+#: verb -> (module, function, one-line help)
+VERBS: dict[str, tuple[str, str, str]] = {
+    "synth": ("analysis.synthetic", "synth_cli", "write a synthetic HCC cohort folder"),
+    "validate": ("analysis.cohort", "validate_cli", "check a cohort folder; exit 2 listing every problem"),
+    "summary": ("analysis.cohort", "summary_cli", "print a short summary of a cohort folder"),
+    "datalists": ("analysis.datalists", "datalists_cli", "write the MONAI datalists both bundles read"),
+    "radiomics": ("analysis.radiomics", "radiomics_cli", "pyradiomics features per patient (exampleMR_3mm)"),
+    "classify": ("analysis.models", "classify_cli", "feature selection + five classifiers + ROC/AUC CI"),
+    "mrecist": ("analysis.mrecist", "mrecist_cli", "mRECIST response from masks or measured diameters"),
+    "km": ("analysis.survival", "km_cli", "Kaplan-Meier curves, log-rank tests, Fig. 6 grid"),
+    "cox": ("analysis.survival", "cox_cli", "multivariable Cox model, forest plot, PH check"),
+    "nomogram": ("analysis.nomogram", "nomogram_cli", "Cox nomogram, calibration and decision curve"),
+    "table1": ("analysis.table1", "table1_cli", "baseline characteristics table (Table 1)"),
+    "report": ("analysis.report", "report_cli", "one self-contained HTML report of a study folder"),
+    "study": ("analysis.study", "study_cli", "the whole study end to end (resumable)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: python -m analysis VERB [--flags]", "", "verbs:"]
+    lines += [f"  {verb.ljust(width)}  {help_}" for verb, (_, _, help_) in VERBS.items()]
+    lines += ["", "python -m analysis VERB --help shows a verb's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, func_name, _ = VERBS[verb]
+    func = getattr(importlib.import_module(module_name), func_name)
+    # fire prints a returned object; verbs return None or a short summary string
+    fire.Fire(func, command=rest, name=f"analysis {verb}")
