@@ -323,6 +323,12 @@ def validate_cohort(cohort: str | Path, progress: bool = True, jobs: int = 2) ->
     images, labels = _scan_files(cohort / "images"), _scan_files(cohort / "labels")
     if not (cohort / "images").is_dir():
         problems.append(Problem(str(cohort / "images"), "folder", "missing", "images/<patient_id>/t0|t1|t2.nii.gz"))
+    for kind in ("images", "labels"):
+        folder = cohort / kind
+        for stray in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if stray.is_file() and not stray.name.startswith("."):
+                problems.append(Problem(str(stray), "file", "a file outside any patient folder",
+                                        f"{kind}/<patient_id>/t0|t1|t2.nii.gz"))
     for pid in ids:
         if pid not in images:
             problems.append(Problem(f"clinical.csv patient {pid}", "images", f"no folder images/{pid}",
