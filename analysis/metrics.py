@@ -15,7 +15,7 @@ cases in ``tests/data/metrics_cases.json``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -193,7 +193,7 @@ def evaluate(y_true, y_prob, n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level:
     out["macro_auc"] = m if np.isfinite(m) else None
     out["macro_auc_ci"] = list(percentile_ci(macro_b, level)) if np.isfinite(m) else None
     out["accuracy"] = accuracy(y, p)
-    out["n"] = int(len(y))
+    out["n"] = len(y)
     return out
 
 
@@ -247,7 +247,7 @@ def metrics_table(y_true, y_prob, n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -
                  "auc_ci_lower": ci[0], "auc_ci_upper": ci[1],
                  "sensitivity": float(np.nanmean(ss["sensitivity"])) if ss["sensitivity"].notna().any() else np.nan,
                  "specificity": float(np.nanmean(ss["specificity"])) if ss["specificity"].notna().any() else np.nan,
-                 "n_true": int(len(np.asarray(y_true)))})
+                 "n_true": len(np.asarray(y_true))})
     out = pd.DataFrame(rows)
     out["accuracy"] = res["accuracy"]
     return out

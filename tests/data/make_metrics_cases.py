@@ -3,9 +3,12 @@
 Independent of analysis.metrics on purpose (the module is tested against these cases).
 Run: python tests/data/make_metrics_cases.py
 """
+import json
 from pathlib import Path
-import json, numpy as np
+
+import numpy as np
 from sklearn.metrics import roc_auc_score
+
 cases = []
 def add(name, y, p, note):
     y = np.array(y); p = np.array(p, float)
@@ -62,5 +65,5 @@ y = [2, 3, 3, 3, 0, 0]
 p = [[0.1, 0.1, 0.5, 0.3], [0.1, 0.1, 0.2, 0.6], [0.3, 0.1, 0.1, 0.5], [0.2, 0.1, 0.4, 0.3],
      [0.6, 0.2, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25 + 0.0]]
 add("absent_class_1_argmax_tie", y, p, "class 1 absent (null); last row ties all four: argmax takes the first (class 0)")
-json.dump(cases, open(Path(__file__).with_name("metrics_cases.json"), "w"), indent=1)
+Path(__file__).with_name("metrics_cases.json").write_text(json.dumps(cases, indent=1))
 for c in cases: print(c["name"], c["expected"])
