@@ -35,6 +35,19 @@ def assign_folds(labels: pd.Series, folds: int = 4, seed: int = 0) -> pd.Series:
         raise ValueError(f"{len(labels)} labelled patient(s) cannot fill {folds} folds: "
                          f"need at least {folds} (lower --folds or add patients)")
     out = pd.Series(-1, index=labels.index, dtype=int)
+    if labels.value_counts().max() < folds:
+        # sklearn refuses when no class can fill every fold (tiny cohorts): deal each class's
+        # shuffled patients round-robin over the folds, carrying on where the last class stopped
+        log.warning("no class has %d patients: folds are dealt round-robin per class instead of "
+                    "StratifiedKFold", folds)
+        rng = np.random.default_rng(seed)
+        slot = 0
+        for cls in sorted(labels.unique()):
+            members = rng.permutation(np.flatnonzero(labels.to_numpy() == cls))
+            for m in members:
+                out.iloc[m] = slot % folds
+                slot += 1
+        return out
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     import warnings
 
