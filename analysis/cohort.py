@@ -428,7 +428,7 @@ def summarise_cohort(cohort: str | Path) -> dict:
             spacings.append(img.header.get_zooms()[:3])
             code = "".join(nib.aff2axcodes(img.affine))
             orientations[code] = orientations.get(code, 0) + 1
-    sp = np.array(spacings) if spacings else np.zeros((0, 3))
+    sp = np.array(spacings, dtype=np.float64) if spacings else np.zeros((0, 3))
     classes = clin["risk_class"].value_counts(dropna=False)
     return {
         "cohort": str(cohort),
