@@ -1,0 +1,593 @@
+"""Synthetic HCC-after-TACE cohort: arterial-phase MR-like volumes, masks and a clinical table.
+
+No real patient data exists on the project's machines, so every part of the pipeline runs on this
+generator. It writes the cohort folder of docs/contracts.md::
+
+    images/<pid>/t{0,1,2}.nii.gz   labels/<pid>/t{0,1,2}.nii.gz   clinical.csv   cohort.json
+
+Model, in three layers (all draws from ``numpy.random.SeedSequence(seed).spawn(n)``, one child per
+patient, so patient ``i`` is the same whatever ``n_patients`` and whatever the order of rendering):
+
+1. **Patient plan** (:func:`make_clinical`, no images): a latent prognosis ``z ~ N(0, 1)``
+   (higher = worse) drives, through Gaussian copulas at the paper's Table 1 marginals, BCLC,
+   AFP >= 400, tumour size, nodule count and sorafenib; the expert ``imaging_high_risk`` flag;
+   overall survival (Weibull proportional hazards, log-hazard ``BETA_Z * z`` plus smaller own
+   effects of sorafenib and age; administrative and random censoring, ~25 % censored); and the
+   lesions' course over t0 -> t1 -> t2: good prognosis = shrinkage and a large non-enhancing
+   (necrotic / lipiodol) part, poor prognosis = growth, little necrosis and new lesions.
+   High imaging risk is visible: satellite nodules, irregular margins, heterogeneous enhancement.
+   ``mrecist`` is the best response computed from the plan's viable diameters (mRECIST: up to
+   two target lesions >= 10 mm; CR = no viable tumour, PR = sum -30 % from baseline,
+   PD = +20 % from nadir or any new lesion, else SD).
+2. **Anatomy** in a *real-size body frame* (mm of a real abdomen: body 330 x 240 mm, liver on
+   the patient's right, spleen, aorta, spine, subcutaneous fat) mapped onto each scan's field of
+   view: in-plane by ``sx = 0.552 * S / 165`` (the body fills ~92 % of the smallest possible
+   field of view, 1.2 mm x S) and cranio-caudally so the liver spans ~60 % of the slab. So a
+   volume of in-plane matrix S shows a *scaled* abdomen: at S = 128 lesions are ~0.43x their
+   nominal size in mm, at S = 32 ~0.11x (a few voxels: fine for plumbing tests, not for
+   realism). Ratios (response, volume change) are scale free.
+3. **Scans**: per scan an in-plane spacing drawn in 1.2-1.8 mm, 5 mm slices, ``max(8,
+   round(0.4 S))`` slices, a small rotation and origin shift (time points are not aligned: their
+   affines differ, the anatomy stays put in world space), an orientation per patient (RAS, LPS,
+   LAS, ... realised by ``nibabel.orientations`` flips/permutations of the stored array with the
+   matching affine), a smooth multiplicative bias field, Rician noise (magnitude of complex
+   Gaussian), a per-scan intensity scale and offset, int16 for most scans and float32 for some.
+
+Contrast (arbitrary units before bias, noise and scaling): air 0, muscle/organs 0.35, fat 0.8,
+liver 0.5, arterial vessels 0.9, aorta 1.2, viable HCC 1.0 (x (1 +/- heterogeneity), never below
+0.7 = 1.4x liver: arterial hyperenhancement), necrotic / lipiodol part 0.18 (0.36x liver: darker
+than liver). The tumour label covers the whole lesion (viable + necrotic), so "viable = tumour
+voxels brighter than the surrounding liver" recovers the viable part.
+
+Files are byte-identical for a seed: nibabel's gzip writer stores no file name and mtime 0, and
+nothing depends on time or on the order patients are made in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.special import ndtri
+
+from analysis.cohort import REQUIRED_COLUMNS, TIMEPOINTS, derive_risk_class
+from analysis.io import save_nifti, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+GENERATOR = "analysis.synthetic"
+VERSION = 1
+SLICE_THICKNESS_MM = 5.0
+SPACING_RANGE_MM = (1.2, 1.8)
+#: orientations patients are stored in (axis codes of the stored array), drawn per patient
+ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS", "RPS", "LPI", "PRS", "ALS")
+
+# ---- clinical marginals: the paper's Table 1 (N = 181) --------------------------------------
+P_TACE = 110 / 181
+AGE_MEAN, AGE_SD = 65.6, 10.9
+P_MALE = {"TACE": 0.791, "TACE+MWA": 0.901}
+AETIOLOGY = {"HCV": 0.260, "HBV": 0.138, "Alcohol": 0.564, "NASH": 0.050}
+BCLC = {"TACE": (0.209, 0.573, 0.218), "TACE+MWA": (0.408, 0.465, 0.127)}
+TUMOUR_SIZE = {"TACE": (0.464, 0.364, 0.173), "TACE+MWA": (0.718, 0.239, 0.042)}
+P_CHILD_NA, P_CHILD_B_GIVEN_KNOWN = 0.171, 0.204 / (0.624 + 0.204)
+P_SORAFENIB, P_AFP, P_NODULES_GT3 = 0.221, 0.564, 0.696
+#: 1 + negative binomial: mean 5.1, SD 4.4, skewed
+TACE_EXTRA_MEAN, TACE_SD = 4.1, 4.4
+P_HIGH_RISK = 0.5
+
+# ---- survival model ---------------------------------------------------------------------------
+BETA_Z = 2.0  # log hazard ratio per SD of the latent prognosis: steep, so OS is learnable
+BETA_SORAFENIB = -0.5  # protective
+BETA_AGE_PER_10Y = 0.15
+WEIBULL_SHAPE = 1.6
+OS_MEDIAN_AT_ZERO = 38.0  # months, at z = 0, no sorafenib, mean age (paper: median OS 36)
+ADMIN_CENSOR_MONTHS = (36.0, 220.0)  # uniform entry over the follow-up window
+DROPOUT_MEAN_MONTHS = 800.0
+
+# ---- copula correlations with z ---------------------------------------------------------------
+RHO = {"bclc": 0.45, "afp": 0.35, "size": 0.45, "nodules": 0.35, "sorafenib": 0.25,
+       "child": 0.2, "high_risk": 0.45}
+
+# ---- contrast (see module docstring) -----------------------------------------------------------
+INT_AIR, INT_TISSUE, INT_FAT, INT_LIVER = 0.0, 0.35, 0.8, 0.5
+INT_VESSEL, INT_AORTA, INT_SPINE, INT_SPLEEN = 0.9, 1.2, 0.25, 0.55
+INT_VIABLE, INT_NECROTIC = 1.0, 0.18
+
+CLINICAL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + ("aetiology", "risk_class", "mrecist")
+
+
+# =============================================================================== patient plan
+@dataclass
+class Lesion:
+    """One lesion in the real-size body frame; diameters (mm) and viable fraction per time point.
+
+    ``viable[t]`` is the fraction of the diameter that is enhancing: the necrotic part is the
+    slab of the lesion beyond a plane with normal ``normal`` (in-plane), so the viable part is a
+    cap whose longest axial diameter is known in closed form (:meth:`viable_diameter`).
+    """
+
+    centre: np.ndarray  # (3,) real mm
+    diameter: tuple[float, float, float]  # per time point, 0 = absent
+    viable: tuple[float, float, float]
+    normal: np.ndarray  # (3,) unit, z = 0
+    kind: str  # "nodule", "satellite", "new"
+    irregularity: float  # margin deformation amplitude
+    shape_freqs: np.ndarray  # (k, 3) for the margin deformation
+    shape_phases: np.ndarray
+
+    def viable_diameter(self, t: int) -> float:
+        d, v = self.diameter[t], self.viable[t]
+        if d <= 0 or v <= 0:
+            return 0.0
+        r, h = d / 2.0, d * v
+        return d if h >= r else 2.0 * math.sqrt(h * (2.0 * r - h))
+
+
+@dataclass
+class PatientPlan:
+    patient_id: str
+    clinical: dict
+    latent: dict
+    lesions: list[Lesion] = field(default_factory=list)
+    liver_lobes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (centre, radii)
+    liver_warp: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # freqs, phases, amps
+    vessels: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)  # a, b, radius
+    texture: tuple[np.ndarray, np.ndarray] | None = None  # freqs, phases
+    heterogeneity: float = 0.05
+    fat_mm: float = 15.0
+
+
+def _patient_seeds(n_patients: int, seed: int) -> list[tuple[np.random.SeedSequence, np.random.SeedSequence]]:
+    """Per patient (plan seed, scan seed): independent of n_patients for the first patients."""
+    children = np.random.SeedSequence(int(seed)).spawn(int(n_patients))
+    return [tuple(c.spawn(2)) for c in children]
+
+
+def _copula(rng: np.random.Generator, z: float, rho: float) -> float:
+    """Standard normal correlated ``rho`` with z: cut at normal quantiles to keep the marginals."""
+    return rho * z + math.sqrt(1.0 - rho * rho) * rng.standard_normal()
+
+
+def _ordinal(u: float, probs) -> int:
+    cuts = ndtri(np.cumsum(probs)[:-1] / np.sum(probs))
+    return int(np.searchsorted(cuts, u))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
+    rng = np.random.default_rng(ss)
+    pid = f"HCC{index + 1:03d}"
+    z = float(rng.standard_normal())
+    treatment = "TACE" if rng.random() < P_TACE else "TACE+MWA"
+    age = float(np.clip(rng.normal(AGE_MEAN, AGE_SD), 25, 95))
+    sex = "M" if rng.random() < P_MALE[treatment] else "F"
+    aetiology = list(AETIOLOGY)[int(rng.choice(len(AETIOLOGY), p=np.array(list(AETIOLOGY.values())) / sum(AETIOLOGY.values())))]
+    bclc = "ABC"[_ordinal(_copula(rng, z, RHO["bclc"]), BCLC[treatment])]
+    afp = int(_copula(rng, z, RHO["afp"]) > ndtri(1 - P_AFP))
+    size_cat = _ordinal(_copula(rng, z, RHO["size"]), TUMOUR_SIZE[treatment])
+    nodules_gt3 = int(_copula(rng, z, RHO["nodules"]) > ndtri(1 - P_NODULES_GT3))
+    sorafenib = int(_copula(rng, z, RHO["sorafenib"]) > ndtri(1 - P_SORAFENIB))
+    u_child = _copula(rng, z, RHO["child"])
+    child = "NA" if rng.random() < P_CHILD_NA else ("B" if u_child > ndtri(1 - P_CHILD_B_GIVEN_KNOWN) else "A")
+    high_risk = int(_copula(rng, z, RHO["high_risk"]) > ndtri(1 - P_HIGH_RISK))
+    # negative binomial with mean TACE_EXTRA_MEAN and variance TACE_SD^2
+    p_nb = TACE_EXTRA_MEAN / TACE_SD**2
+    r_nb = TACE_EXTRA_MEAN * p_nb / (1 - p_nb)
+    tace_cycles = 1 + int(rng.negative_binomial(r_nb, p_nb))
+
+    # overall survival: Weibull PH, S(t | x) = exp(-(t / scale)^k * exp(lp))
+    lp = BETA_Z * z + BETA_SORAFENIB * sorafenib + BETA_AGE_PER_10Y * (age - AGE_MEAN) / 10.0
+    scale = OS_MEDIAN_AT_ZERO / math.log(2.0) ** (1.0 / WEIBULL_SHAPE)
+    t_event = scale * (rng.exponential() * math.exp(-lp)) ** (1.0 / WEIBULL_SHAPE)
+    t_censor = min(rng.uniform(*ADMIN_CENSOR_MONTHS), rng.exponential(DROPOUT_MEAN_MONTHS))
+    death = int(t_event <= t_censor)
+    os_months = round(max(min(t_event, t_censor), 0.5), 1)
+
+    # response latent: the prognosis as seen on images (a little noise so images do not give z)
+    g = z + 0.25 * rng.standard_normal()
+
+    plan = PatientPlan(pid, {}, {})
+    _plan_anatomy(rng, plan)
+    _plan_lesions(rng, plan, g=g, size_cat=size_cat, n_main=int(rng.integers(4, 6)) if nodules_gt3 else int(rng.integers(1, 4)),
+                  high_risk=high_risk, treatment=treatment)
+    mrecist, sums = _best_mrecist(plan.lesions)
+
+    plan.clinical = {
+        "patient_id": pid, "age": int(round(age)), "sex": sex, "treatment": treatment, "sorafenib": sorafenib,
+        "os_months": os_months, "death": death, "bclc": bclc, "child_pugh": child, "afp_ge_400": afp,
+        "tumour_size": ("<3cm", "3-5cm", ">5cm")[size_cat], "nodules_gt3": nodules_gt3,
+        "tace_cycles": tace_cycles, "imaging_high_risk": high_risk, "aetiology": aetiology, "mrecist": mrecist,
+    }
+    latent = {"latent_z": z, "latent_g": g, "latent_t_event_months": t_event, "latent_t_censor_months": t_censor}
+    for t, tp in enumerate(TIMEPOINTS):
+        present = [les for les in plan.lesions if les.diameter[t] > 0]
+        vol = sum(math.pi / 6 * les.diameter[t] ** 3 for les in present) / 1000.0
+        viable_vol = sum(math.pi / 6 * les.diameter[t] ** 3 * _cap_fraction(les.viable[t]) for les in present) / 1000.0
+        latent[f"latent_n_lesions_{tp}"] = len(present)
+        latent[f"latent_tumour_ml_{tp}"] = vol
+        latent[f"latent_viable_ml_{tp}"] = viable_vol
+        latent[f"latent_sum_viable_mm_{tp}"] = sums[t]
+    latent["latent_n_satellites"] = sum(les.kind == "satellite" for les in plan.lesions)
+    latent["latent_heterogeneity"] = plan.heterogeneity
+    plan.latent = latent
+    return plan
+
+
+def _cap_fraction(v: float) -> float:
+    """Volume fraction of a sphere in a cap of height v * diameter."""
+    v = min(max(v, 0.0), 1.0)
+    return v * v * (3.0 - 2.0 * v)
+
+
+def _random_fourier(rng: np.random.Generator, n: int, wavelength_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    freqs = rng.standard_normal((n, 3)) * (2 * math.pi / wavelength_mm)
+    phases = rng.uniform(0, 2 * math.pi, n)
+    return freqs, phases
+
+
+def _plan_anatomy(rng: np.random.Generator, plan: PatientPlan) -> None:
+    jitter = lambda s: rng.uniform(1 - s, 1 + s)  # noqa: E731
+    # real-size body frame in RAS+ mm (+x = patient's right): the liver sits at +x
+    plan.liver_lobes = [
+        (np.array([60.0, 0.0, -5.0]) * jitter(0.1), np.array([72.0, 80.0, 70.0]) * jitter(0.1)),  # right lobe
+        (np.array([-20.0, 35.0, 15.0]) * jitter(0.15), np.array([58.0, 42.0, 45.0]) * jitter(0.12)),  # left lobe
+        (np.array([15.0, -20.0, 10.0]) * jitter(0.2), np.array([25.0, 22.0, 30.0]) * jitter(0.15)),  # caudate
+    ]
+    freqs, phases = _random_fourier(rng, 6, 140.0)
+    plan.liver_warp = (freqs, phases, rng.uniform(4.0, 9.0, 6))
+    hilum = np.array([25.0, 5.0, 0.0])
+    vessels = []
+    for _ in range(int(rng.integers(5, 9))):
+        direction = rng.standard_normal(3)
+        direction[2] *= 0.5
+        direction /= np.linalg.norm(direction)
+        length = rng.uniform(40.0, 80.0)
+        a = hilum + rng.normal(0, 5, 3)
+        b = a + direction * length
+        vessels.append((a, b, float(rng.uniform(2.0, 4.0))))
+        # one branch off each trunk
+        mid = a + (b - a) * rng.uniform(0.4, 0.7)
+        d2 = rng.standard_normal(3)
+        d2 /= np.linalg.norm(d2)
+        vessels.append((mid, mid + d2 * rng.uniform(20.0, 40.0), float(rng.uniform(1.5, 2.5))))
+    plan.vessels = vessels
+    plan.texture = _random_fourier(rng, 12, 18.0)
+    plan.fat_mm = float(rng.uniform(8.0, 25.0))
+
+
+def _inside_liver_point(rng: np.random.Generator, plan: PatientPlan, margin_mm: float) -> np.ndarray:
+    """A point at least ``margin_mm`` inside one of the liver's lobes (right lobe favoured)."""
+    lobes = plan.liver_lobes[:2]
+    weights = np.array([np.prod(r) for _, r in lobes])
+    lobe = lobes[int(rng.choice(len(lobes), p=weights / weights.sum()))]
+    centre, radii = lobe
+    inner = np.maximum(radii - margin_mm, 5.0)
+    u = rng.standard_normal(3)
+    u = u / np.linalg.norm(u) * rng.random() ** (1 / 3)
+    return centre + u * inner * 0.9
+
+
+def _new_lesion(rng, plan, diameters, viable, kind, irregularity, centre=None) -> Lesion:
+    if centre is None:
+        centre = _inside_liver_point(rng, plan, max(diameters) / 2 + 5.0)
+    angle = rng.uniform(0, 2 * math.pi)
+    freqs, phases = _random_fourier(rng, 5, 1.0)
+    return Lesion(centre=np.asarray(centre, float), diameter=tuple(float(d) for d in diameters),
+                  viable=tuple(float(v) for v in viable), normal=np.array([math.cos(angle), math.sin(angle), 0.0]),
+                  kind=kind, irregularity=float(irregularity), shape_freqs=freqs * 2.0, shape_phases=phases)
+
+
+def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, high_risk: int, treatment: str) -> None:
+    lo, hi = ((12.0, 29.0), (30.0, 50.0), (51.0, 80.0))[size_cat]
+    d_max = rng.uniform(lo, hi)
+    plan.heterogeneity = float(rng.uniform(0.22, 0.3) if high_risk else rng.uniform(0.02, 0.06))
+    irregular = float(rng.uniform(0.18, 0.28) if high_risk else rng.uniform(0.0, 0.05))
+    # per-step diameter factor: shrink when g < 0, grow when g > 0
+    step = lambda: math.exp(0.05 + 0.22 * g + 0.04 * rng.standard_normal())  # noqa: E731
+    necrosis = lambda shift: float(np.clip(_sigmoid(1.8 * g + shift + 0.3 * rng.standard_normal()), 0.0, 1.0))  # noqa: E731
+    lesions = []
+    for k in range(n_main):
+        d0 = d_max if k == 0 else d_max * rng.uniform(0.35, 0.85)
+        d0 = max(d0, 8.0)
+        d1 = d0 * step()
+        d2 = d1 * step()
+        v0 = 1.0 if not high_risk else float(rng.uniform(0.8, 1.0))
+        v1, v2 = necrosis(-0.3), necrosis(0.0)
+        if treatment == "TACE+MWA" and k == 0:
+            # the dominant nodule is ablated after the first TACE: an ablation zone a bit larger
+            # than the tumour, non-enhancing unless the prognosis is poor (residual viable rim)
+            d1 = d0 * 1.15 * (1 + max(g, 0) * 0.1)
+            d2 = d1 * step()
+            v1 = float(np.clip(_sigmoid(2.0 * g - 2.0), 0, 1))
+            v2 = float(np.clip(_sigmoid(2.2 * g - 1.5), 0, 1))
+        lesions.append(_new_lesion(rng, plan, (d0, d1, d2), (v0, v1, v2), "nodule", irregular))
+    if high_risk:
+        dominant = lesions[0]
+        for _ in range(int(rng.integers(2, 5))):
+            direction = rng.standard_normal(3)
+            direction /= np.linalg.norm(direction)
+            centre = dominant.centre + direction * (dominant.diameter[0] / 2 + rng.uniform(6.0, 14.0))
+            ds = rng.uniform(5.0, 9.0)
+            d1s = ds * step()
+            lesions.append(_new_lesion(rng, plan, (ds, d1s, d1s * step()), (1.0, necrosis(0.5), necrosis(0.8)),
+                                       "satellite", irregular * 0.5, centre=centre))
+    # new lesions in poor-prognosis patients (intrahepatic progression)
+    n_new_t1 = int(rng.poisson(1.2 * max(g - 0.3, 0.0)))
+    n_new_t2 = int(rng.poisson(1.5 * max(g - 0.1, 0.0)))
+    for t_first, count in ((1, n_new_t1), (2, n_new_t2)):
+        for _ in range(count):
+            d = rng.uniform(8.0, 16.0)
+            diam = (0.0, d, d * step()) if t_first == 1 else (0.0, 0.0, d)
+            lesions.append(_new_lesion(rng, plan, diam, (0.0, 1.0, 1.0), "new", irregular))
+    plan.lesions = lesions
+
+
+def _best_mrecist(lesions: list[Lesion]) -> tuple[str, list[float]]:
+    """Best overall response by mRECIST from the plan's viable diameters (see module docstring)."""
+    targets = sorted((les for les in lesions if les.kind == "nodule" and les.diameter[0] >= 10.0),
+                     key=lambda les: -les.diameter[0])[:2]
+    sums = [sum(les.viable_diameter(t) for les in targets) for t in range(3)]
+    if not targets or sums[0] <= 0:
+        return "NA", sums
+    order = {"CR": 0, "PR": 1, "SD": 2, "PD": 3}
+    best, nadir = None, sums[0]
+    for t in (1, 2):
+        new = any(les.kind == "new" and les.diameter[t] > 0 for les in lesions)
+        if new or sums[t] >= 1.2 * nadir and sums[t] - nadir > 0:
+            response = "PD"
+        elif sums[t] == 0:
+            response = "CR"
+        elif sums[t] <= 0.7 * sums[0]:
+            response = "PR"
+        else:
+            response = "SD"
+        if response == "PD":
+            return (best or "PD"), sums
+        best = response if best is None or order[response] < order[best] else best
+        nadir = min(nadir, sums[t])
+    return best, sums
+
+
+def _plans(n_patients: int, seed: int) -> list[PatientPlan]:
+    return [_plan_patient(i, ss) for i, (ss, _) in enumerate(_patient_seeds(n_patients, seed))]
+
+
+def _table(plans: list[PatientPlan]) -> pd.DataFrame:
+    frame = pd.DataFrame([{**p.clinical, **p.latent} for p in plans])
+    frame["risk_class"] = derive_risk_class(frame)
+    latent_cols = [c for c in frame.columns if c.startswith("latent_")]
+    return frame[list(CLINICAL_COLUMNS) + latent_cols]
+
+
+def make_clinical(n_patients: int, seed: int) -> pd.DataFrame:
+    """The clinical table of a synthetic cohort, without images.
+
+    Contract columns (docs/contracts.md) followed by ``latent_*`` columns (the generator's truth:
+    latent prognosis, tumour volumes and viable diameters per time point) that ``clinical.csv``
+    does not carry. Identical to what :func:`make_cohort` writes for the same ``seed``.
+    """
+    _check_args(n_patients, 32, seed)
+    return _table(_plans(n_patients, seed))
+
+
+# ===================================================================================== images
+def _real_scale(shape: int, n_slices: int) -> np.ndarray:
+    """real body-frame mm -> world mm (see module docstring)."""
+    sx = 0.552 * shape / 165.0
+    sz = 0.6 * (n_slices * SLICE_THICKNESS_MM / 2.0) / 80.0
+    return np.array([sx, sx, sz])
+
+
+def n_slices_for(shape: int) -> int:
+    return max(8, int(round(0.4 * shape)))
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    ax, ay, az = np.deg2rad([rng.normal(0, 1.0), rng.normal(0, 1.0), rng.normal(0, 2.5)])
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _fourier_field(r: np.ndarray, freqs: np.ndarray, phases: np.ndarray) -> np.ndarray:
+    """Smooth field in about [-1, 1] at points r (..., 3)."""
+    out = np.zeros(r.shape[:-1], np.float32)
+    for f, p in zip(freqs, phases):
+        out += np.cos(r @ f.astype(np.float32) + np.float32(p))
+    return out * np.float32(math.sqrt(2.0 / len(phases)))
+
+
+def _segment_distance(r: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = (b - a).astype(np.float32)
+    t = np.clip(((r - a.astype(np.float32)) @ ab) / np.float32(ab @ ab), 0.0, 1.0)
+    closest = a.astype(np.float32) + t[..., None] * ab
+    return np.linalg.norm(r - closest, axis=-1)
+
+
+def lesion_gain(shape: int) -> float:
+    """Lesions are drawn this much larger than nominal at small matrices so that they still cover
+    voxels (x3 at S = 32, x1.5 at 64, x1 from 96 up); ratios between time points are unchanged."""
+    return float(np.clip(96.0 / shape, 1.0, 3.0))
+
+
+def _render(plan: PatientPlan, t: int, r: np.ndarray, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Clean intensity and label at real body-frame points r (..., 3) for time point t."""
+    x, y = r[..., 0], r[..., 1]
+    intensity = np.full(r.shape[:-1], INT_AIR, np.float32)
+    label = np.zeros(r.shape[:-1], np.uint8)
+    ax_, ay_ = 165.0, 120.0
+    body_rho = np.sqrt((x / ax_) ** 2 + ((y + 10.0) / ay_) ** 2)
+    body = body_rho <= 1.0
+    intensity[body] = INT_FAT
+    inner = body_rho <= 1.0 - plan.fat_mm / ay_
+    intensity[inner] = INT_TISSUE
+    spleen = ((x + 100.0) / 40.0) ** 2 + ((y + 35.0) / 50.0) ** 2 + (r[..., 2] / 60.0) ** 2 <= 1.0
+    intensity[spleen & inner] = INT_SPLEEN
+    intensity[((x + 15.0) ** 2 + (y + 55.0) ** 2 <= 12.0**2) & inner] = INT_AORTA
+    intensity[((x - 0.0) ** 2 + (y + 92.0) ** 2 <= 22.0**2) & inner] = INT_SPINE
+
+    freqs, phases, amps = plan.liver_warp
+    warped = r.copy()
+    for axis in range(3):
+        warped[..., axis] += amps[2 * axis % len(amps)] * np.cos(r @ freqs[axis].astype(np.float32) + np.float32(phases[axis]))
+    liver = np.zeros(r.shape[:-1], bool)
+    for centre, radii in plan.liver_lobes:
+        liver |= (((warped - centre.astype(np.float32)) / radii.astype(np.float32)) ** 2).sum(-1) <= 1.0
+    liver &= inner
+    texture = _fourier_field(r, *plan.texture)
+    intensity[liver] = INT_LIVER * (1.0 + 0.04 * texture[liver])
+    label[liver] = 1
+    for a, b, radius in plan.vessels:
+        vessel = liver & (_segment_distance(r, a, b) <= radius)
+        intensity[vessel] = INT_VESSEL
+
+    for les in plan.lesions:
+        d = les.diameter[t]
+        if d <= 0:
+            continue
+        radius = d * gain / 2.0
+        reach = radius * (1.0 + les.irregularity) + 1.0
+        box = np.all(np.abs(r - les.centre.astype(np.float32)) <= reach, axis=-1) & inner
+        if not box.any():
+            continue
+        rel = r[box] - les.centre.astype(np.float32)
+        dist = np.linalg.norm(rel, axis=-1)
+        unit = rel / np.maximum(dist, 1e-6)[:, None]
+        wobble = _fourier_field(unit, les.shape_freqs, les.shape_phases) / 2.0
+        inside = dist <= radius * (1.0 + les.irregularity * wobble)
+        necrotic = (rel @ les.normal.astype(np.float32)) > radius * (1.0 + les.irregularity) * (2.0 * les.viable[t] - 1.0)
+        vals = np.where(necrotic, INT_NECROTIC,
+                        INT_VIABLE * np.clip(1.0 + plan.heterogeneity * 1.2 * texture[box], 0.7, 1.5)).astype(np.float32)
+        idx = np.flatnonzero(box)[inside]
+        intensity.flat[idx] = vals[inside]
+        label.flat[idx] = 2
+    return intensity, label
+
+
+def _scan(plan: PatientPlan, t: int, shape: int, rng: np.random.Generator, orientation: str, centre_world: np.ndarray):
+    """One scan: stored array (int16 or float32), label (uint8) and affine, in ``orientation``."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    nz = n_slices_for(shape)
+    spacing = rng.uniform(*SPACING_RANGE_MM)
+    zooms = np.array([spacing, spacing, SLICE_THICKNESS_MM])
+    dims = np.array([shape, shape, nz])
+    rot = _rotation(rng)
+    offset = np.array([rng.normal(0, 6.0), rng.normal(0, 6.0), rng.normal(0, 5.0)])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(zooms)
+    affine[:3, 3] = centre_world + offset - affine[:3, :3] @ ((dims - 1) / 2.0)
+
+    ijk = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in dims), indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    real = (world - centre_world.astype(np.float32)) / _real_scale(shape, nz).astype(np.float32)
+    clean, label = _render(plan, t, real, lesion_gain(shape))
+
+    # partial volume in-plane, then bias field, Rician noise, scanner scale
+    clean = ndimage.gaussian_filter(clean, sigma=(0.6, 0.6, 0.3))
+    unit = (ijk / (dims - 1).astype(np.float32)) * 2 - 1
+    coeffs = rng.normal(0, 0.12, 6).astype(np.float32)
+    bias = np.exp(coeffs[0] * unit[..., 0] + coeffs[1] * unit[..., 1] + coeffs[2] * unit[..., 2]
+                  + coeffs[3] * unit[..., 0] ** 2 + coeffs[4] * unit[..., 1] ** 2 + coeffs[5] * unit[..., 0] * unit[..., 1])
+    sigma = rng.uniform(0.015, 0.035)
+    signal = clean * bias
+    noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape)) ** 2 + rng.normal(0, sigma, signal.shape) ** 2)
+    if rng.random() < 0.2:
+        dtype = np.float32
+        data = (noisy * rng.uniform(0.5, 4.0) + rng.uniform(0, 0.1)).astype(np.float32)
+    else:
+        dtype = np.int16
+        data = np.clip(np.round(noisy * rng.uniform(600, 1800) + rng.uniform(0, 60)), 0, 32767).astype(np.int16)
+
+    transform = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(orientation)))
+    stored_affine = affine @ inv_ornt_aff(transform, tuple(dims))
+    return (apply_orientation(data, transform).astype(dtype), apply_orientation(label, transform).astype(np.uint8),
+            stored_affine, dtype)
+
+
+def _write_patient(plan: PatientPlan, scan_ss: np.random.SeedSequence, shape: int, out: Path) -> None:
+    rng = np.random.default_rng(scan_ss)
+    orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    centre_world = rng.normal(0, 20.0, 3)  # table position
+    for t, tp in enumerate(TIMEPOINTS):
+        data, label, affine, dtype = _scan(plan, t, shape, rng, orientation, centre_world)
+        save_nifti(out / "images" / plan.patient_id / f"{tp}.nii.gz", data, affine, dtype=dtype)
+        save_nifti(out / "labels" / plan.patient_id / f"{tp}.nii.gz", label, affine, dtype=np.uint8)
+
+
+def _check_args(n_patients, shape, seed) -> None:
+    if not isinstance(n_patients, (int, np.integer)) or isinstance(n_patients, bool) or n_patients < 1:
+        raise ValueError(f"n_patients: found {n_patients!r}, expected an integer >= 1")
+    if not isinstance(shape, (int, np.integer)) or isinstance(shape, bool) or shape < 16:
+        raise ValueError(f"shape: found {shape!r}, expected an integer >= 16 (in-plane matrix size)")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: found {seed!r}, expected an integer >= 0")
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse to write into a folder holding something else than an earlier synthetic cohort."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; expected a new or empty folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    meta = out / "cohort.json"
+    import json
+
+    try:
+        generator = json.loads(meta.read_text()).get("generator") if meta.exists() else None
+    except (OSError, ValueError):
+        generator = None
+    if generator != GENERATOR:
+        raise FileExistsError(f"{out}: folder is not empty and holds no synthetic cohort (cohort.json with "
+                              f"generator {GENERATOR!r}); expected a new or empty folder")
+    # an earlier synthetic cohort: drop it so no stale patient stays behind
+    for name in ("images", "labels"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in ("clinical.csv", "cohort.json"):
+        if (out / name).exists():
+            (out / name).unlink()
+
+
+def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0, progress: bool = True) -> Path:
+    """Write a synthetic cohort folder (docs/contracts.md) and return its path.
+
+    ``shape`` is the in-plane matrix S (S x S, ``max(8, round(0.4 S))`` slices of 5 mm).
+    clinical.csv and cohort.json are written last, so a cohort folder with a cohort.json is complete.
+    """
+    _check_args(n_patients, shape, seed)
+    out = Path(out_dir)
+    _prepare_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = _patient_seeds(n_patients, seed)
+    plans = [_plan_patient(i, plan_ss) for i, (plan_ss, _) in enumerate(seeds)]
+    from tqdm.auto import tqdm
+
+    for plan, (_, scan_ss) in tqdm(list(zip(plans, seeds)), desc="synthetic patients", unit="patient",
+                                   disable=not progress):
+        _write_patient(plan, scan_ss, int(shape), out)
+    table = _table(plans)
+    write_csv(out / "clinical.csv", table[list(CLINICAL_COLUMNS)])
+    write_json(out / "cohort.json", {"synthetic": True, "generator": GENERATOR, "seed": int(seed),
+                                     "n_patients": int(n_patients), "shape": int(shape), "version": VERSION})
+    log.info("wrote synthetic cohort of %d patients (shape %d, seed %d) to %s", n_patients, shape, seed, out)
+    return out
+
+
+def synth_cli(out, patients: int = 181, shape: int = 128, seed: int = 0) -> str:
+    """Write a synthetic HCC cohort: ``python -m analysis synth --out DIR --patients N --shape S --seed K``."""
+    path = make_cohort(out, n_patients=int(patients), shape=int(shape), seed=int(seed), progress=True)
+    return f"synthetic cohort: {patients} patients, shape {shape}, seed {seed} -> {path}"

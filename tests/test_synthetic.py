@@ -1,0 +1,177 @@
+"""The synthetic cohort generator: determinism, geometry, labels, marginals and a learnable signal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.cohort import CLASS_NAMES, REQUIRED_COLUMNS, TIMEPOINTS, derive_risk_class, read_clinical
+from analysis.io import file_sha256
+from analysis.synthetic import CLINICAL_COLUMNS, make_clinical, make_cohort, n_slices_for, synth_cli
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    make_cohort(out, n_patients=6, shape=32, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def table181() -> pd.DataFrame:
+    return make_clinical(181, seed=0)
+
+
+# ------------------------------------------------------------------------------- layout
+def test_layout_and_cohort_json(cohort):
+    meta = json.loads((cohort / "cohort.json").read_text())
+    assert meta == {"synthetic": True, "generator": "analysis.synthetic", "seed": 0, "n_patients": 6,
+                    "shape": 32, "version": 1}
+    clinical = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    assert list(clinical.columns) == list(CLINICAL_COLUMNS)
+    assert set(REQUIRED_COLUMNS) <= set(clinical.columns)
+    assert list(clinical.patient_id) == [f"HCC{i:03d}" for i in range(1, 7)]
+    for pid in clinical.patient_id:
+        for folder in ("images", "labels"):
+            assert sorted(p.name for p in (cohort / folder / pid).iterdir()) == [f"{tp}.nii.gz" for tp in TIMEPOINTS]
+
+
+def test_byte_identical_for_a_seed_and_different_for_another(cohort, tmp_path):
+    again = make_cohort(tmp_path / "b", n_patients=6, shape=32, seed=0, progress=False)
+    assert _files(again) == _files(cohort)
+    other = make_cohort(tmp_path / "c", n_patients=6, shape=32, seed=1, progress=False)
+    a, c = _files(cohort), _files(other)
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a if k.startswith("images/"))
+
+
+def test_clinical_same_with_or_without_images(cohort):
+    written = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    drawn = make_clinical(6, seed=0)[list(CLINICAL_COLUMNS)]
+    pd.testing.assert_frame_equal(written, drawn.astype(str).replace({"<NA>": ""}), check_dtype=False)
+    # patient i does not depend on the cohort size
+    big = make_clinical(20, seed=0)
+    pd.testing.assert_frame_equal(big.iloc[:6].reset_index(drop=True), make_clinical(6, seed=0))
+
+
+# ------------------------------------------------------------------------------- geometry
+def test_geometry_labels_and_dtypes(cohort):
+    codes, dtypes = set(), set()
+    nz = n_slices_for(32)
+    for pid_dir in sorted((cohort / "images").iterdir()):
+        affines = []
+        for tp in TIMEPOINTS:
+            img = nib.load(pid_dir / f"{tp}.nii.gz")
+            lab = nib.load(cohort / "labels" / pid_dir.name / f"{tp}.nii.gz")
+            assert img.shape == lab.shape
+            np.testing.assert_array_equal(img.affine, lab.affine)
+            assert lab.get_data_dtype() == np.uint8
+            values = set(np.unique(np.asarray(lab.dataobj)).tolist())
+            assert values <= {0, 1, 2} and {1, 2} <= values, (pid_dir.name, tp, values)
+            codes.add("".join(nib.aff2axcodes(img.affine)))
+            dtypes.add(str(img.get_data_dtype()))
+            canonical = nib.as_closest_canonical(img)
+            assert canonical.shape == (32, 32, nz)
+            zooms = canonical.header.get_zooms()
+            assert 1.2 <= zooms[0] <= 1.8 and zooms[0] == pytest.approx(zooms[1])
+            assert zooms[2] == pytest.approx(5.0)
+            assert np.isfinite(np.asarray(img.dataobj)).all()
+            affines.append(img.affine)
+        # time points are not aligned
+        assert not np.allclose(affines[0], affines[1]) and not np.allclose(affines[1], affines[2])
+    assert len(codes) >= 2, codes
+    assert dtypes <= {"int16", "float32"}
+
+
+def test_tumour_enhances_above_liver_at_t0(tmp_path):
+    out = make_cohort(tmp_path / "c", n_patients=3, shape=64, seed=3, progress=False)
+    for pid_dir in sorted((out / "images").iterdir()):
+        image = np.asarray(nib.load(pid_dir / "t0.nii.gz").dataobj, dtype=float)
+        label = np.asarray(nib.load(out / "labels" / pid_dir.name / "t0.nii.gz").dataobj)
+        tumour, liver = np.median(image[label == 2]), np.median(image[label == 1])
+        assert tumour > 1.4 * liver, (pid_dir.name, tumour, liver)
+
+
+# ------------------------------------------------------------------------------- clinical
+def test_marginals_close_to_table1(table181):
+    df = table181
+    assert len(df) == 181
+    assert abs((df.treatment == "TACE").sum() - 110) <= 15
+    assert df.age.mean() == pytest.approx(65.6, abs=2.5) and df.age.std() == pytest.approx(10.9, abs=2.0)
+    assert (df.sex == "M").mean() == pytest.approx(0.834, abs=0.07)
+    for col, expected in [("bclc", {"A": 0.287, "B": 0.530, "C": 0.182}),
+                          ("child_pugh", {"A": 0.624, "B": 0.204, "NA": 0.171}),
+                          ("tumour_size", {"<3cm": 0.564, "3-5cm": 0.315, ">5cm": 0.122}),
+                          ("aetiology", {"HCV": 0.26, "HBV": 0.138, "Alcohol": 0.564, "NASH": 0.05})]:
+        shares = df[col].value_counts(normalize=True)
+        for level, share in expected.items():
+            assert shares.get(level, 0.0) == pytest.approx(share, abs=0.08), (col, level, shares.to_dict())
+    assert df.sorafenib.mean() == pytest.approx(0.221, abs=0.07)
+    assert df.afp_ge_400.mean() == pytest.approx(0.564, abs=0.08)
+    assert df.nodules_gt3.mean() == pytest.approx(0.696, abs=0.08)
+    assert df.tace_cycles.min() >= 1
+    assert df.tace_cycles.mean() == pytest.approx(5.1, abs=1.0) and df.tace_cycles.std() == pytest.approx(4.4, abs=1.3)
+    # BCLC A more often in TACE+MWA, as in the paper
+    share_a = df.groupby("treatment").bclc.apply(lambda s: (s == "A").mean())
+    assert share_a["TACE+MWA"] > share_a["TACE"]
+    assert set(df.mrecist) <= {"CR", "PR", "SD", "PD", "NA"}
+
+
+def test_censoring_and_risk_class_rule(table181):
+    df = table181
+    assert 0.20 <= 1 - df.death.mean() <= 0.30
+    expected = derive_risk_class(df)
+    pd.testing.assert_series_equal(df.risk_class, expected, check_names=False)
+    censored_early = (df.death == 0) & (df.os_months < 36)
+    assert censored_early.any() and df.risk_class[censored_early].isna().all()
+    assert df.risk_class[~censored_early].notna().all()
+    counts = df.risk_class.value_counts()
+    assert set(counts.index) == set(CLASS_NAMES) and counts.min() >= 15, counts.to_dict()
+
+
+# ------------------------------------------------------------------------------- signal
+def test_cox_on_tumour_burden_and_imaging_flag(table181):
+    from lifelines import CoxPHFitter
+
+    df = table181
+    data = pd.DataFrame({
+        "log_tumour_t2": np.log1p(df.latent_tumour_ml_t2),
+        "growth": np.log1p(df.latent_tumour_ml_t2) - np.log1p(df.latent_tumour_ml_t0),
+        "imaging_high_risk": df.imaging_high_risk.astype(float),
+        "os_months": df.os_months, "death": df.death,
+    })
+    cph = CoxPHFitter().fit(data, duration_col="os_months", event_col="death")
+    assert cph.concordance_index_ > 0.65
+
+
+def test_synth_cli(tmp_path):
+    message = synth_cli(tmp_path / "cli", patients=2, shape=16, seed=5)
+    assert "2 patients" in message
+    assert read_clinical(tmp_path / "cli" / "clinical.csv").shape[0] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_patients": 0}, "n_patients: found 0, expected an integer >= 1"),
+    ({"shape": 8}, "shape: found 8, expected an integer >= 16"),
+    ({"seed": -1}, "seed: found -1, expected an integer >= 0"),
+])
+def test_bad_arguments(tmp_path, kwargs, message):
+    args = {"n_patients": 2, "shape": 16, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_cohort(tmp_path / "x", progress=False, **args)
+
+
+def test_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("not a cohort")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_cohort(tmp_path, n_patients=1, shape=16, progress=False)
+    assert (tmp_path / "keep.txt").exists()
