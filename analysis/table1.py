@@ -30,7 +30,7 @@ from analysis.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROWS", "table1", "table1_cli"]
+__all__ = ["ROWS", "table1", "write_table1", "table1_cli"]
 
 NA_LABEL = "N/A"
 #: (column, characteristic, kind, {value: level label}) in the paper's order; kind "cat"/"num"
@@ -128,8 +128,8 @@ def _group_order(values: pd.Series) -> list[str]:
 
 
 def table1(clinical: pd.DataFrame, group: str = "treatment", mrecist: pd.DataFrame | None = None,
-           mrecist_column: str = "best_response") -> tuple[pd.DataFrame, dict]:
-    """Table 1 and a summary dict (tests used, notes, excluded patients).
+           mrecist_column: str = "best_response") -> pd.DataFrame:
+    """Table 1; ``table.attrs["summary"]`` holds the tests used, notes and excluded patients.
 
     ``mrecist``: a mrecist.csv table; its ``mrecist_column`` becomes the ``mrecist`` row (joined on
     patient_id; patients absent from it are N/A), replacing a clinical ``mrecist`` column.
@@ -177,7 +177,16 @@ def table1(clinical: pd.DataFrame, group: str = "treatment", mrecist: pd.DataFra
     summary = {"group": group, "groups": {g: int((frame[group] == g).sum()) for g in groups},
                "n": int(len(frame)), "tests": tests, "rows_without_data": skipped,
                "excluded_patients": excluded, "notes": notes}
-    return table, summary
+    table.attrs["summary"] = summary
+    return table
+
+
+def write_table1(table: pd.DataFrame, out: str | Path) -> Path:
+    """OUT (table1.csv) and, from ``table.attrs["summary"]``, summary.json beside it."""
+    write_csv(out, table)
+    if "summary" in table.attrs:
+        write_json(Path(out).parent / "summary.json", table.attrs["summary"])
+    return Path(out)
 
 
 def table1_cli(clinical: str, group: str = "treatment", out: str = "table1.csv", mrecist: str | None = None,
@@ -194,7 +203,7 @@ def table1_cli(clinical: str, group: str = "treatment", out: str = "table1.csv",
             raise SystemExit(f"mRECIST table {mrecist} not found")
         # keep_default_na=False: the response "NA" is a category here, not a missing value
         resp = pd.read_csv(mrecist, dtype=str, keep_default_na=False)
-    table, summary = table1(read_clinical(path), group=group, mrecist=resp, mrecist_column=mrecist_column)
-    write_csv(out, table)
-    write_json(Path(out).parent / "summary.json", summary)
+    table = table1(read_clinical(path), group=group, mrecist=resp, mrecist_column=mrecist_column)
+    write_table1(table, out)
+    summary = table.attrs["summary"]
     return f"{out}: {len(table)} rows, {summary['n']} patients in groups {summary['groups']}"

@@ -43,7 +43,8 @@ def _row(table, characteristic, level=""):
 
 
 def test_hand_made_counts_and_p_values():
-    table, summary = table1(_hand_table())
+    table = table1(_hand_table())
+    summary = table.attrs["summary"]
     assert list(table.columns) == ["characteristic", "level", "overall", "TACE", "TACE+MWA", "p_value"]
     assert _row(table, "patients, n")[["overall", "TACE", "TACE+MWA"]].tolist() == ["20", "12", "8"]
     assert summary["excluded_patients"] == ["P20"]  # no treatment: left out and listed
@@ -94,7 +95,7 @@ def test_paper_counts_reproduce_published_p_values():
                         "tumour_size": col([("<3cm", 51), ("3-5cm", 17), (">5cm", 3)])}).assign(treatment="TACE+MWA")
     frame = pd.concat([tace, mwa], ignore_index=True)
     frame.insert(0, "patient_id", [f"P{i}" for i in range(len(frame))])
-    table, _ = table1(frame)
+    table = table1(frame)
     assert _row(table, "patients, n")[["overall", "TACE", "TACE+MWA"]].tolist() == ["181", "110", "71"]
     assert _row(table, "Sex", "Female")[["overall", "TACE", "TACE+MWA"]].tolist() == ["30 (16.6)", "23 (20.9)", "7 (9.9)"]
     assert _row(table, "BCLC", "B")[["overall", "TACE", "TACE+MWA"]].tolist() == ["96 (53.0)", "63 (57.3)", "33 (46.5)"]
