@@ -47,6 +47,8 @@ KNOWN_LEVELS: dict[str, list] = {
     "pred_class": [0, 1, 2, 3],
     "risk_class": [0, 1, 2, 3],
     "label": [0, 1, 2, 3],
+    "dl_class": [0, 1, 2, 3],
+    "radiomics_class": [0, 1, 2, 3],
 }
 #: group values meaning "not assessed": such patients are left out of that method with a log line
 MISSING_TOKENS = {"", "NA", "N/A", "nan", "NaN", "None"}
@@ -110,7 +112,7 @@ def _read_ids_table(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def join_column(df: pd.DataFrame, file: str | Path, column: str, name: str) -> pd.DataFrame:
+def join_column(df: pd.DataFrame, file: str | Path, column: str, name: str, label: str | None = None) -> pd.DataFrame:
     """Left-join ``column`` of ``file`` onto ``df`` by patient_id as ``name``; log ids not found."""
     other = _read_ids_table(file)
     if column not in other:
@@ -118,7 +120,7 @@ def join_column(df: pd.DataFrame, file: str | Path, column: str, name: str) -> p
     missing = sorted(set(df["patient_id"]) - set(other["patient_id"]))
     if missing:
         log.warning("%s: %d patient(s) of the main table have no row (%s): no %s for them",
-                    file, len(missing), ", ".join(missing[:20]), name)
+                    file, len(missing), ", ".join(missing[:20]), label or name)
     extra = sorted(set(other["patient_id"]) - set(df["patient_id"]))
     if extra:
         log.warning("%s: %d patient(s) not in the main table ignored (%s)", file, len(extra), ", ".join(extra[:20]))
@@ -172,14 +174,18 @@ def _group_levels(series: pd.Series, column: str, levels: Sequence | None) -> li
 
 
 def _normalise_groups(series: pd.Series, column: str = "") -> pd.Series:
-    """Group values as comparable labels: 'NA'/empty -> None; integer-valued numbers -> int; else str."""
-    out = series.astype(object).where(series.notna(), None)
-    out = out.map(lambda v: None if v is None or str(v).strip() in MISSING_TOKENS else v)
-    values = out.dropna()
-    numeric = pd.to_numeric(values.astype(str), errors="coerce")
-    if len(values) and numeric.notna().all() and (numeric == numeric.round()).all():
-        return out.map(lambda v: None if v is None else int(float(v)))
-    return out.map(lambda v: None if v is None else str(v).strip())
+    """Group values as comparable labels: 'NA'/empty -> None; integer-valued numbers -> int; else str.
+
+    Built as an object Series explicitly: ``Series.map`` would turn ``[1, None]`` into ``[1.0, nan]``.
+    """
+    raw = [None if pd.isna(v) or str(v).strip() in MISSING_TOKENS else v for v in series.astype(object)]
+    present = [v for v in raw if v is not None]
+    numeric = pd.to_numeric(pd.Series([str(v) for v in present], dtype=object), errors="coerce")
+    if present and numeric.notna().all() and (numeric == numeric.round()).all():
+        values = [None if v is None else int(float(v)) for v in raw]
+    else:
+        values = [None if v is None else str(v).strip() for v in raw]
+    return pd.Series(values, index=series.index, dtype=object)
 
 
 def logrank(df: pd.DataFrame, duration: str, event: str, group: str) -> dict:
@@ -315,12 +321,27 @@ def _subgroups(df: pd.DataFrame, by: str | None) -> list[tuple[str, pd.DataFrame
     return panels
 
 
-def km_grid(df: pd.DataFrame, methods: Sequence[tuple[str, str]], subgroup: str | None = "treatment",
-            duration: str = DURATION, event: str = EVENT, marker_months: float | None = MARKER_MONTHS,
-            levels: dict | None = None):
-    """The Fig. 6 grid: rows = methods (name, group column), columns = all + each ``subgroup`` value.
+@dataclass
+class KMGrid:
+    """All panels of a km run: ``results[(method, subgroup)]`` plus the tables written."""
 
-    Returns ``(fig, results)`` with ``results[(method, subgroup)] = KMResult``.
+    results: dict
+    figure: object                 # the grid figure (closed once saved)
+    logrank: pd.DataFrame          # method, subgroup, n, n_groups, test_statistic, p_value, skipped_reason
+    medians: pd.DataFrame          # method, subgroup, group, n, events, median_os_months (+ 95% CI)
+    curves: pd.DataFrame           # method, subgroup, group, time, survival, CI, at_risk
+    unassigned: pd.DataFrame       # method, patient_id, reason
+
+
+def km_grid(df: pd.DataFrame, methods: Sequence[tuple[str, str]], by: str | None = "treatment",
+            duration: str = DURATION, event: str = EVENT, marker_months: float | None = MARKER_MONTHS,
+            levels: dict | None = None, out: str | Path | None = None, panels: bool = False) -> KMGrid:
+    """The Fig. 6 grid: rows = methods (name, group column), columns = all + each ``by`` value.
+
+    Level order and the empty levels listed come from ``levels[name]``, else from the column's known
+    levels (``KNOWN_LEVELS``), else from the values over the whole cohort. With ``out`` every figure
+    and table is written there (figures/km_grid.png, tables/logrank.csv, median_os.csv,
+    unassigned.csv, summary.json; with ``panels`` also one figures/km_<method>_<subgroup>.png each).
     """
     import matplotlib
 
@@ -329,20 +350,55 @@ def km_grid(df: pd.DataFrame, methods: Sequence[tuple[str, str]], subgroup: str 
 
     if not methods:
         raise SurvivalInputError("no grouping method given: expected at least one (name, column)")
-    panels = _subgroups(df, subgroup)
+    for name, column in methods:
+        if column not in df:
+            raise SurvivalInputError(f"method {name!r}: no column {column!r} (found {list(df.columns)})")
+    panels = _subgroups(df, by)
     nrow, ncol = len(methods), len(panels)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4.4 * nrow), squeeze=False)
-    results = {}
+    results, unassigned = {}, []
     for i, (name, column) in enumerate(methods):
+        lv = (levels or {}).get(name) or _group_levels(_normalise_groups(df[column]), column, None)
         for j, (sub_name, sub) in enumerate(panels):
-            res = kaplan_meier(sub, duration, event, column, levels=(levels or {}).get(name)
-                               or _group_levels(_normalise_groups(df[column], column), column, None))
+            res = kaplan_meier(sub, duration, event, column, levels=lv)
             results[(name, sub_name)] = res
+            if sub_name == ALL:
+                unassigned += [{"method": name, "patient_id": pid, "reason": f"no value in {column}"}
+                               for pid in res.unassigned]
             label = chr(ord("A") + i * ncol + j) if i * ncol + j < 26 else ""
             plot_km(res, axes[i][j], title=f"{label}  {name} - {sub_name} (n={res.logrank['n']})",
                     marker_months=marker_months)
     fig.tight_layout(h_pad=4.0)
-    return fig, results
+    lr, med, cur = km_tables(results)
+    grid = KMGrid(results=results, figure=fig, logrank=lr, medians=med, curves=cur,
+                  unassigned=pd.DataFrame(unassigned, columns=["method", "patient_id", "reason"]))
+    if out is not None:
+        write_km(grid, out, marker_months, panels)
+    return grid
+
+
+def write_km(grid: KMGrid, out: str | Path, marker_months: float | None = MARKER_MONTHS, panels: bool = False) -> dict:
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    cur = grid.curves
+    save_figure(grid.figure, out / "figures" / "km_grid.png", data=cur)
+    for (method, sub), res in (grid.results.items() if panels else ()):
+        f, ax = plt.subplots(figsize=(6, 5))
+        plot_km(res, ax, title=f"{method} - {sub} (n={res.logrank['n']})", marker_months=marker_months)
+        f.tight_layout()
+        save_figure(f, out / "figures" / f"km_{_slug(method)}_{_slug(sub)}.png",
+                    data=cur[(cur["method"] == method) & (cur["subgroup"] == sub)])
+    write_csv(out / "tables" / "logrank.csv", grid.logrank)
+    write_csv(out / "tables" / "median_os.csv", grid.medians)
+    write_csv(out / "tables" / "unassigned.csv", grid.unassigned)
+    methods = list(dict.fromkeys(m for m, _ in grid.results))
+    subgroups = list(dict.fromkeys(s for _, s in grid.results))
+    summary = {"methods": methods, "subgroups": subgroups, "marker_months": marker_months,
+               "n_unassigned": int(len(grid.unassigned)),
+               "logrank": _logrank_records(grid)}
+    write_json(out / "summary.json", summary)
+    return summary
 
 
 def km_tables(results: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -365,21 +421,17 @@ def _slug(text: str) -> str:
 
 
 def run_km(clinical: str | Path, groups, out: str | Path, by: str | None = "treatment",
-           duration: str = DURATION, event: str = EVENT, marker_months: float | None = MARKER_MONTHS) -> dict:
-    """The km verb: read, join group files, draw every panel and the grid, write tables."""
+           duration: str = DURATION, event: str = EVENT, marker_months: float | None = MARKER_MONTHS,
+           panels: bool = False) -> dict:
+    """The km verb: read clinical.csv, join the group files, draw and write every panel and the grid."""
     from analysis.cohort import read_clinical
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     df = read_clinical(clinical)
     _check_duration_event(df, duration, event, where=str(clinical))
     specs = split_list(groups)
     if not specs:
         raise SurvivalInputError("--groups: give at least one [NAME=][FILE:]COLUMN (comma-separated for several)")
-    methods, unassigned, levels = [], [], {}
+    methods, levels = [], {}
     for spec in specs:
         name, file, column = parse_column_spec(spec)
         key = f"group::{name}"
@@ -388,46 +440,34 @@ def run_km(clinical: str | Path, groups, out: str | Path, by: str | None = "trea
                 raise SurvivalInputError(f"{clinical}: no column {column!r} for --groups {spec!r}")
             df[key] = df[column]
         else:
-            df = join_column(df, file, column, key)
-        df[key] = _normalise_groups(df[key], column)
-        for pid in df.loc[df[key].isna(), "patient_id"]:
-            unassigned.append({"method": name, "patient_id": pid, "reason": f"no value in {file or clinical}:{column}"})
-        levels[name] = _group_levels(df[key], column, None)
+            df = join_column(df, file, column, key, label=name)
+        # level order/empty levels follow the source column's name (pred_class -> 0..3)
+        levels[name] = _group_levels(_normalise_groups(df[key]), column, None)
         methods.append((name, key))
-    out = Path(out)
-    fig, results = km_grid(df, methods, subgroup=by, duration=duration, event=event, marker_months=marker_months,
-                           levels=levels)
-    lr, med, cur = km_tables(results)
-    save_figure(fig, out / "figures" / "km_grid.png", data=cur)
-    for (method, sub), res in results.items():
-        f, ax = plt.subplots(figsize=(6, 5))
-        plot_km(res, ax, title=f"{method} - {sub} (n={res.logrank['n']})", marker_months=marker_months)
-        f.tight_layout()
-        save_figure(f, out / "figures" / f"km_{_slug(method)}_{_slug(sub)}.png",
-                    data=cur[(cur["method"] == method) & (cur["subgroup"] == sub)])
-    write_csv(out / "tables" / "logrank.csv", lr)
-    write_csv(out / "tables" / "median_os.csv", med)
-    write_csv(out / "tables" / "unassigned.csv", pd.DataFrame(unassigned, columns=["method", "patient_id", "reason"]))
-    summary = {"methods": [m for m, _ in methods], "subgroups": sorted({s for _, s in results}, key=lambda s: s != ALL),
-               "marker_months": marker_months, "n_unassigned": len(unassigned),
-               "logrank": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-                           for row in lr.to_dict(orient="records")]}
-    write_json(out / "summary.json", summary)
-    return summary
+    grid = km_grid(df, methods, by=by, duration=duration, event=event, marker_months=marker_months,
+                   levels=levels, out=out, panels=panels)
+    return {"logrank": _logrank_records(grid)}
+
+
+def _logrank_records(grid: KMGrid) -> list[dict]:
+    """logrank rows for JSON (NaN -> null)."""
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for row in grid.logrank.to_dict(orient="records")]
 
 
 def km_cli(clinical: str, groups, out: str, by: str = "treatment", duration: str = DURATION, event: str = EVENT,
-           marker_months: float = MARKER_MONTHS):
+           marker_months: float = MARKER_MONTHS, panels: bool = False):
     """Kaplan-Meier curves and log-rank tests per group method, whole cohort and per --by subgroup.
 
     --groups: one or more ``[NAME=][FILE:]COLUMN``, comma-separated (fire keeps only the last of a
     repeated flag), e.g. ``mRECIST=clinical.csv:mrecist,ProgSwin-UNETR=oof_predictions.csv:pred_class``;
     FILE is joined on patient_id; without FILE the column comes from --clinical. Several methods give
     the Fig. 6 grid (rows methods, columns all + each --by value). --by '' draws only the whole cohort.
+    --panels also writes one figure per panel (km_<method>_<subgroup>.png).
     """
     try:
         summary = run_km(clinical, groups, out, by=by or None, duration=duration, event=event,
-                         marker_months=marker_months)
+                         marker_months=marker_months, panels=bool(panels))
     except SurvivalInputError as exc:
         raise SystemExit(f"km: {exc}") from None
     lines = [f"{r['method']:>20} {r['subgroup']:>10} n={r['n']:<4} " +
@@ -693,6 +733,8 @@ def cv_concordance(design: pd.DataFrame, duration: str, event: str, penalizer: f
     from lifelines import CoxPHFitter
     from lifelines.utils import k_fold_cross_validation
 
+    if not k:
+        return None, "not computed (cv_folds 0)"
     k = int(min(k, len(design)))
     if k < 2 or int(design[event].sum()) < 2:
         return None, "too few rows or events for cross-validation"
@@ -827,7 +869,7 @@ def read_table(table, join=None) -> pd.DataFrame:
     return df
 
 
-def write_cox(result: CoxResult, out: str | Path) -> dict:
+def write_cox_outputs(result: CoxResult, out: str | Path) -> dict:
     out = Path(out)
     write_csv(out / "tables" / "cox_summary.csv", result.summary)
     fig, data = plot_forest(result)
@@ -858,7 +900,7 @@ def cox_cli(table: str, out: str, covariates, duration: str = DURATION, event: s
         df = read_table(table, join)
         result = fit_cox(df, duration, event, split_list(covariates), split_list(categorical),
                          _parse_reference(reference), float(penalizer), coding, cv_folds, seed)
-        summary = write_cox(result, out)
+        summary = write_cox_outputs(result, out)
     except SurvivalInputError as exc:
         raise SystemExit(f"cox: {exc}") from None
     cv = summary["cv_concordance"]

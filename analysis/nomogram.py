@@ -1,0 +1,457 @@
+"""Cox nomogram (Appendix 9 and 11), bootstrap-corrected calibration and decision curve.
+
+Points (the rms-style nomogram): each variable's contribution to the linear predictor is
+``beta * x`` (continuous) or ``beta_level`` (categorical, reference level 0). The variable whose
+contribution spans the widest range over the observed patients gets 0-100 points; every other
+variable is scaled by the same factor, starting at 0 at its own minimum. The total points are a
+linear function of the Cox linear predictor, so predicted survival at time t is
+
+    S(t | points) = exp(-H0(t) * exp(LP(points) - mean LP))
+
+with H0 lifelines' Breslow baseline cumulative hazard at the covariate means (interpolated as
+``CoxPHFitter.predict_survival_function(times=...)`` does). The tests assert equality with lifelines.
+
+High risk (paper: "cumulative score above 0.70"): predicted mortality at the horizon (default
+36 months), 1 - S(36), above the cut-off (default 0.70).
+
+Calibration at the horizon follows Harrell's bootstrap optimism correction with Kaplan-Meier
+grouping (``rms::calibrate(cmethod="KM")``): patients are split into quantile groups of predicted
+survival; in each bootstrap resample the model is refitted, its (observed - predicted) gap per group
+is computed on the resample and on the original data, and the mean difference (the optimism) is
+subtracted from the apparent observed survival per group.
+
+Decision curve at the horizon: net benefit of treating patients whose predicted mortality is at
+least the threshold p, with event rates from Kaplan-Meier so censoring is handled (Vickers et al.
+2008): NB(p) = (1 - S_KM(t | high)) P(high) - S_KM(t | high) P(high) p / (1 - p).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.io import save_figure, write_csv, write_json
+from analysis.survival import (
+    DURATION,
+    EVENT,
+    CoxResult,
+    SurvivalInputError,
+    _parse_reference,
+    fit_cox,
+    read_table,
+    split_list,
+    variable_p_values,
+)
+
+log = logging.getLogger(__name__)
+
+TIMES_MONTHS = (12.0, 24.0, 36.0)
+HORIZON_MONTHS = 36.0
+CUTOFF = 0.70
+ALPHA = 0.05
+SURVIVAL_TICKS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclass
+class Nomogram:
+    cox: CoxResult
+    variables: list
+    scales: pd.DataFrame      # variable, level (categorical) or value, contribution, points
+    point_factor: float       # points per unit of linear predictor (100 / widest range)
+    min_lp: float             # linear predictor (uncentred) at 0 total points
+    mean_lp: float            # linear predictor of the covariate means (lifelines' centring)
+    max_points: float         # largest possible total
+    times: tuple
+
+
+def _contributions(result: CoxResult, design: pd.DataFrame) -> pd.DataFrame:
+    """Per-patient, per-variable contribution beta * x to the (uncentred) linear predictor."""
+    params = result.fitter.params_
+    return pd.DataFrame({var: design[cols].to_numpy(float) @ params[cols].to_numpy(float)
+                         for var, cols in result.variables.items()}, index=design.index)
+
+
+def build_nomogram(result: CoxResult, times: Sequence[float] = TIMES_MONTHS) -> Nomogram:
+    contrib = _contributions(result, result.design)
+    ranges = contrib.max() - contrib.min()
+    widest = float(ranges.max())
+    if not widest > 0:
+        raise SurvivalInputError("every variable's effect range is 0 (all coefficients 0?): no nomogram to draw")
+    factor = 100.0 / widest
+    rows = []
+    params = result.fitter.params_
+    for var, cols in result.variables.items():
+        lo = float(contrib[var].min())
+        info = result.categorical.get(var)
+        if info is not None:
+            for level in info["levels"]:
+                c = 0.0 if level == info["reference"] else float(params[f"{var}[{level}]"])
+                rows.append({"variable": var, "level": level, "value": np.nan, "contribution": c,
+                             "points": (c - lo) * factor})
+        else:
+            x = result.design[var]
+            for v in _nice_ticks(float(x.min()), float(x.max())):
+                c = float(params[var]) * v
+                rows.append({"variable": var, "level": "", "value": v, "contribution": c, "points": (c - lo) * factor})
+    norm_mean = result.fitter._norm_mean  # lifelines centres the linear predictor at these means
+    mean_lp = float((norm_mean[params.index] * params).sum())
+    return Nomogram(cox=result, variables=list(result.variables), scales=pd.DataFrame(rows), point_factor=factor,
+                    min_lp=float(contrib.min().sum()), mean_lp=mean_lp,
+                    max_points=float(ranges.sum() * factor), times=tuple(float(t) for t in times))
+
+
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+    from matplotlib.ticker import MaxNLocator
+
+    if hi <= lo:
+        return [lo]
+    ticks = [t for t in MaxNLocator(nbins=6).tick_values(lo, hi) if lo - 1e-9 <= t <= hi + 1e-9]
+    return sorted(set([lo] + ticks + [hi])) if len(ticks) < 2 else ticks
+
+
+def baseline_cumhaz(result: CoxResult, times: Sequence[float]) -> np.ndarray:
+    """H0(t) exactly as lifelines' predict_* with ``times=`` interpolates it."""
+    from lifelines.utils import interpolate_at_times
+
+    return np.asarray(interpolate_at_times(result.fitter.baseline_cumulative_hazard_, np.asarray(times, float)))
+
+
+def survival_from_points(nomo: Nomogram, total_points, t: float) -> np.ndarray:
+    lp = nomo.min_lp + np.asarray(total_points, float) / nomo.point_factor
+    h0 = baseline_cumhaz(nomo.cox, [t])[0]
+    return np.exp(-h0 * np.exp(lp - nomo.mean_lp))
+
+
+def patient_points(nomo: Nomogram, horizon: float = HORIZON_MONTHS, cutoff: float = CUTOFF) -> pd.DataFrame:
+    """Per patient: points per variable, total points, predicted survival at each time, high-risk flag."""
+    result = nomo.cox
+    contrib = _contributions(result, result.design)
+    points = (contrib - contrib.min()) * nomo.point_factor
+    out = pd.DataFrame({"patient_id": result.ids}, index=result.design.index)
+    for var in nomo.variables:
+        out[f"points_{var}"] = points[var]
+    out["total_points"] = points.sum(axis=1)
+    out["log_partial_hazard"] = contrib.sum(axis=1) - nomo.mean_lp
+    for t in sorted(set(nomo.times) | {float(horizon)}):
+        out[f"survival_{_fmt(t)}_months"] = survival_from_points(nomo, out["total_points"], t)
+    out[f"mortality_{_fmt(horizon)}_months"] = 1.0 - out[f"survival_{_fmt(horizon)}_months"]
+    out["high_risk"] = out[f"mortality_{_fmt(horizon)}_months"] > cutoff
+    return out.reset_index(drop=True)
+
+
+def _fmt(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else str(t)
+
+
+def plot_nomogram(nomo: Nomogram):
+    """rms-style nomogram: points, one axis per variable, total points, survival axes per time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_rows = []   # (axis name, [(x position 0-100, label, value)])
+    axes_rows.append(("Points", [(p, f"{p:g}", p) for p in range(0, 101, 10)]))
+    for var in nomo.variables:
+        sc = nomo.scales[nomo.scales["variable"] == var]
+        ticks = [(float(r.points), str(r.level) if r.level != "" else f"{r.value:g}",
+                  r.level if r.level != "" else r.value) for r in sc.itertuples()]
+        axes_rows.append((var, ticks))
+    total_scale = 100.0 / nomo.max_points
+    from matplotlib.ticker import MaxNLocator
+
+    tp_ticks = [t for t in MaxNLocator(nbins=8).tick_values(0, nomo.max_points) if 0 <= t <= nomo.max_points + 1e-9]
+    axes_rows.append(("Total points", [(t * total_scale, f"{t:g}", t) for t in tp_ticks]))
+    for t in nomo.times:
+        h0 = baseline_cumhaz(nomo.cox, [t])[0]
+        ticks = []
+        for s in SURVIVAL_TICKS:
+            if h0 <= 0:
+                break
+            lp = math.log(-math.log(s) / h0) + nomo.mean_lp
+            tp = (lp - nomo.min_lp) * nomo.point_factor
+            if 0 <= tp <= nomo.max_points:
+                ticks.append((tp * total_scale, f"{s:g}", s))
+        axes_rows.append((f"{_fmt(t)}-month survival", ticks))
+
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(axes_rows) + 0.8))
+    data = []
+    for i, (name, ticks) in enumerate(axes_rows):
+        y = -i
+        ax.text(-3, y, name, ha="right", va="center", fontsize=8)
+        if ticks:
+            xs = [x for x, _, _ in ticks]
+            ax.plot([min(xs), max(xs)], [y, y], color="0.2", lw=1)
+            last_x = -math.inf
+            for x, label, value in sorted(ticks, key=lambda tk: tk[0]):
+                ax.plot([x, x], [y, y + 0.12], color="0.2", lw=1)
+                # labels of close ticks (categorical levels with similar effects) go below the line
+                below = x - last_x < 5
+                ax.text(x, y - 0.12 if below else y + 0.18, label, ha="center", va="top" if below else "bottom",
+                        fontsize=6)
+                last_x = x if not below else last_x
+                data.append({"axis": name, "label": label, "value": value, "x_position": x})
+        else:
+            ax.text(0, y, "(outside the range of the data)", va="center", fontsize=6, color="0.4")
+    ax.set_xlim(-35, 105)
+    ax.set_ylim(-len(axes_rows) + 0.5, 0.8)
+    ax.axis("off")
+    ax.set_title("Nomogram (Cox model): total points -> predicted overall survival", fontsize=9)
+    fig.tight_layout()
+    return fig, pd.DataFrame(data)
+
+
+# ----------------------------------------------------------------------------- calibration
+def _predict_survival(fitter, design: pd.DataFrame, t: float) -> np.ndarray:
+    X = design.drop(columns=[c for c in (fitter.duration_col, fitter.event_col) if c in design])
+    return fitter.predict_survival_function(X, times=[t]).to_numpy(float).ravel()
+
+
+def _km_at(durations, events, t: float) -> float:
+    from lifelines import KaplanMeierFitter
+
+    return float(KaplanMeierFitter().fit(durations, events).predict(t))
+
+
+def _group_gaps(pred: np.ndarray, durations, events, t: float, groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per quantile group of predicted survival: mean predicted, KM observed, size."""
+    ranks = pd.Series(pred).rank(method="first").to_numpy()
+    g = np.minimum((ranks - 1) * groups // len(pred), groups - 1).astype(int)
+    mean_pred, obs, size = np.zeros(groups), np.zeros(groups), np.zeros(groups, int)
+    d, e = np.asarray(durations, float), np.asarray(events, int)
+    for k in range(groups):
+        m = g == k
+        mean_pred[k] = pred[m].mean()
+        obs[k] = _km_at(d[m], e[m], t)
+        size[k] = int(m.sum())
+    return mean_pred, obs, size
+
+
+def calibration(result: CoxResult, horizon: float = HORIZON_MONTHS, groups: int = 4, n_boot: int = 200,
+                seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Apparent and bootstrap optimism-corrected calibration of predicted survival at ``horizon``."""
+    from lifelines import CoxPHFitter
+
+    design, dur, ev = result.design, result.duration, result.event
+    n = len(design)
+    groups = int(max(2, min(groups, n // 5)))
+    pred = _predict_survival(result.fitter, design, horizon)
+    mean_pred, obs, size = _group_gaps(pred, design[dur], design[ev], horizon, groups)
+    rng = np.random.default_rng(seed)
+    optimism, used = np.zeros(groups), 0
+    for _ in range(int(n_boot)):
+        idx = rng.integers(0, n, n)
+        boot = design.iloc[idx].reset_index(drop=True)
+        if boot[ev].sum() == 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fb = CoxPHFitter(penalizer=result.penalizer).fit(boot, dur, ev)
+            except Exception:  # noqa: BLE001 - a resample the model cannot fit is skipped and counted
+                continue
+        if not np.all(np.isfinite(fb.params_)):
+            continue
+        pb, ob, _ = _group_gaps(_predict_survival(fb, boot, horizon), boot[dur], boot[ev], horizon, groups)
+        pt, ot, _ = _group_gaps(_predict_survival(fb, design, horizon), design[dur], design[ev], horizon, groups)
+        optimism += (ob - pb) - (ot - pt)
+        used += 1
+    if used == 0:
+        raise SurvivalInputError("calibration: no bootstrap resample could be fitted; use --n-boot 0 or more data")
+    optimism /= used
+    table = pd.DataFrame({"group": np.arange(groups), "n": size, "predicted_survival": mean_pred,
+                          "observed_km_survival": obs, "optimism": optimism,
+                          "corrected_observed_survival": np.clip(obs - optimism, 0, 1)})
+    info = {"horizon_months": horizon, "groups": groups, "n_boot": int(n_boot), "n_boot_used": used,
+            "mean_abs_error_apparent": float(np.mean(np.abs(obs - mean_pred))),
+            "mean_abs_error_corrected": float(np.mean(np.abs(table["corrected_observed_survival"] - mean_pred)))}
+    if used < n_boot:
+        log.warning("calibration: %d of %d bootstrap resamples could not be fitted and were skipped", n_boot - used, n_boot)
+    return table, info
+
+
+def plot_calibration(table: pd.DataFrame, horizon: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", lw=1, label="ideal")
+    ax.plot(table["predicted_survival"], table["observed_km_survival"], "o-", color="tab:blue", label="apparent")
+    ax.plot(table["predicted_survival"], table["corrected_observed_survival"], "s-", color="tab:red",
+            label="bootstrap-corrected")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"Predicted {_fmt(horizon)}-month survival", fontsize=8)
+    ax.set_ylabel(f"Observed {_fmt(horizon)}-month survival (Kaplan-Meier)", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Calibration at {_fmt(horizon)} months", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def decision_curve(risk: np.ndarray, durations, events, horizon: float = HORIZON_MONTHS,
+                   thresholds: Sequence[float] | None = None) -> pd.DataFrame:
+    """Net benefit of the model, treat-all and treat-none at ``horizon`` (KM event rates)."""
+    thresholds = np.round(np.arange(0.01, 0.991, 0.01), 2) if thresholds is None else np.asarray(thresholds, float)
+    d, e, risk = np.asarray(durations, float), np.asarray(events, int), np.asarray(risk, float)
+    n = len(risk)
+    s_all = _km_at(d, e, horizon)
+    rows = []
+    for p in thresholds:
+        w = p / (1 - p)
+        high = risk >= p
+        frac = high.sum() / n
+        if high.any():
+            s_high = _km_at(d[high], e[high], horizon)
+            nb = (1 - s_high) * frac - s_high * frac * w
+        else:
+            nb = 0.0
+        rows.append({"threshold": float(p), "net_benefit_model": float(nb),
+                     "net_benefit_treat_all": float((1 - s_all) - s_all * w), "net_benefit_treat_none": 0.0,
+                     "fraction_high_risk": float(frac)})
+    return pd.DataFrame(rows)
+
+
+def plot_decision_curve(table: pd.DataFrame, horizon: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(table["threshold"], table["net_benefit_model"], color="tab:red", label="Cox model")
+    ax.plot(table["threshold"], table["net_benefit_treat_all"], color="0.4", label="treat all")
+    ax.plot(table["threshold"], table["net_benefit_treat_none"], color="0.1", linestyle="--", label="treat none")
+    top = max(0.05, float(table[["net_benefit_model", "net_benefit_treat_all"]].max().max()) * 1.1)
+    ax.set_ylim(-0.05, top)
+    ax.set_xlabel(f"Threshold probability of death by {_fmt(horizon)} months", fontsize=8)
+    ax.set_ylabel("Net benefit", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Decision curve at {_fmt(horizon)} months", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------- assembly
+def select_variables(df: pd.DataFrame, duration: str, event: str, covariates: Sequence[str],
+                     categorical: Sequence[str] = (), reference: dict | None = None, penalizer: float = 0.0,
+                     alpha: float = ALPHA) -> tuple[list, dict]:
+    """Variables whose joint Wald p in the full model is below ``alpha`` (Appendix 9)."""
+    full = fit_cox(df, duration, event, covariates, categorical, reference, penalizer, cv_folds=0)
+    pvals = variable_p_values(full)
+    chosen = [v for v in covariates if pvals[v] < alpha]
+    if not chosen:
+        raise SurvivalInputError(
+            f"no covariate has p < {alpha} in the full Cox model (p: "
+            + ", ".join(f"{k}={v:.3g}" for k, v in pvals.items()) + "); give --variables a,b to choose them")
+    log.info("nomogram variables (p < %g): %s", alpha, chosen)
+    return chosen, pvals
+
+
+@dataclass
+class NomogramResult:
+    nomogram: Nomogram
+    patients: pd.DataFrame         # per patient: points, survival at each time, high_risk
+    summary: dict                  # nomogram/summary.json
+    calibration: pd.DataFrame | None
+    decision_curve: pd.DataFrame
+
+
+def nomogram(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, covariates: Sequence[str] = (),
+             categorical: Sequence[str] = (), reference: dict | None = None, penalizer: float = 0.0,
+             variables: Sequence[str] | None = None, alpha: float = ALPHA, times: Sequence[float] = TIMES_MONTHS,
+             horizon: float = HORIZON_MONTHS, cutoff: float = CUTOFF, n_boot: int = 200, groups: int = 4,
+             seed: int = 0, out: str | Path | None = None) -> NomogramResult:
+    """Select variables, fit the final Cox model, build the nomogram, score every patient, calibrate
+    (``n_boot`` resamples; 0 skips it) and draw the decision curve; with ``out`` write it all there."""
+    if not 0 < cutoff < 1:
+        raise SurvivalInputError(f"cutoff {cutoff}: expected a probability in (0, 1)")
+    covariates = list(covariates)
+    if variables:
+        unknown = [v for v in variables if v not in df]
+        if unknown:
+            raise SurvivalInputError(f"--variables {unknown}: not columns of the table")
+        chosen, pvals = list(variables), {}
+    else:
+        chosen, pvals = select_variables(df, duration, event, covariates, categorical, reference, penalizer, alpha)
+    cats = [c for c in categorical if c in chosen]
+    refs = {k: v for k, v in (reference or {}).items() if k in chosen}
+    final = fit_cox(df, duration, event, chosen, cats, refs, penalizer, cv_folds=0)
+    max_t = float(final.design[duration].max())
+    if horizon > max_t:
+        log.warning("horizon %g months is beyond the longest follow-up (%g): the baseline hazard is carried "
+                    "flat, so predicted survival there is optimistic", horizon, max_t)
+    nomo = build_nomogram(final, times)
+    pts = patient_points(nomo, horizon, cutoff)
+    h = _fmt(horizon)
+    info = {"variables": chosen, "cutoff": float(cutoff), "n_high_risk": int(pts["high_risk"].sum()),
+            "horizon_months": float(horizon), "times_months": list(nomo.times), "n": int(len(pts)),
+            "selection": "given" if variables else f"joint Wald p < {alpha} in the full model",
+            "selection_p": pvals, "concordance": final.concordance}
+    cal = None
+    if n_boot > 0:
+        cal, info["calibration"] = calibration(final, horizon, groups, n_boot, seed)
+    dca = decision_curve(pts[f"mortality_{h}_months"], final.design[duration], final.design[event], horizon)
+    result = NomogramResult(nomogram=nomo, patients=pts, summary=info, calibration=cal, decision_curve=dca)
+    if out is not None:
+        write_nomogram(result, out)
+    return result
+
+
+def write_nomogram(result: NomogramResult, out: str | Path) -> None:
+    out = Path(out)
+    nomo, horizon = result.nomogram, result.summary["horizon_months"]
+    h = _fmt(horizon)
+    fig, data = plot_nomogram(nomo)
+    save_figure(fig, out / "figures" / "nomogram.png", data=data)
+    write_csv(out / "tables" / "nomogram_patients.csv", result.patients)
+    write_csv(out / "tables" / "nomogram_cox_summary.csv", nomo.cox.summary)
+    write_csv(out / "tables" / "nomogram_points.csv", nomo.scales)
+    if result.calibration is not None:
+        save_figure(plot_calibration(result.calibration, horizon), out / "figures" / f"calibration_{h}m.png",
+                    data=result.calibration)
+    save_figure(plot_decision_curve(result.decision_curve, horizon), out / "figures" / f"decision_curve_{h}m.png",
+                data=result.decision_curve)
+    write_json(out / "summary.json", result.summary)
+
+
+def _floats(value) -> list[float]:
+    try:
+        return [float(v) for v in split_list(value)]
+    except ValueError:
+        raise SurvivalInputError(f"expected numbers separated by commas, found {value!r}") from None
+
+
+def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, event: str = EVENT, categorical=None,
+                 reference=None, penalizer: float = 0.0, join=None, variables=None, alpha: float = ALPHA,
+                 times="12,24,36", horizon: float = HORIZON_MONTHS, cutoff: float = CUTOFF, n_boot: int = 200,
+                 groups: int = 4, seed: int = 0):
+    """Cox nomogram with per-patient points, survival at --times, high-risk flag, calibration and DCA.
+
+    Variables: --variables a,b, or those with p < --alpha in the full model of --covariates.
+    High risk: predicted mortality at --horizon months above --cutoff (default 0.70).
+    Same table flags as ``cox`` (--categorical, --reference, --penalizer, --join NAME=FILE:COLUMN).
+    """
+    try:
+        df = read_table(table, join)
+        info = nomogram(df, duration, event, split_list(covariates), split_list(categorical),
+                        _parse_reference(reference), float(penalizer), split_list(variables) or None, float(alpha),
+                        _floats(times), float(horizon), float(cutoff), int(n_boot), int(groups), int(seed),
+                        out=out).summary
+    except SurvivalInputError as exc:
+        raise SystemExit(f"nomogram: {exc}") from None
+    return (f"variables {info['variables']}; {info['n_high_risk']} of {info['n']} patients high risk "
+            f"(predicted {_fmt(info['horizon_months'])}-month mortality > {info['cutoff']})")
+
+
+__all__ = ["Nomogram", "NomogramResult", "build_nomogram", "patient_points", "survival_from_points", "calibration",
+           "decision_curve", "select_variables", "nomogram", "write_nomogram", "nomogram_cli"]
