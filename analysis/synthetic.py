@@ -80,6 +80,10 @@ P_SORAFENIB, P_AFP, P_NODULES_GT3 = 0.221, 0.564, 0.696
 #: 1 + negative binomial: mean 5.1, SD 4.4, skewed
 TACE_EXTRA_MEAN, TACE_SD = 4.1, 4.4
 P_HIGH_RISK = 0.5
+P_MRECIST_MISSING = 0.06  # "N/A" in Table 1: response not assessed
+# viable fraction after TACE = clip(GAIN * sigmoid(1.8 g + SHIFT[t] + noise) - FLOOR, 0, 1): tuned
+# so that best mRECIST response is near Table 1 (CR 5.5, PR 37, SD 28, PD 23, N/A 6 %)
+VIABLE_GAIN, VIABLE_FLOOR, VIABLE_SHIFT = 1.02, 0.015, (-1.5, -1.0)
 
 # ---- survival model ---------------------------------------------------------------------------
 BETA_Z = 2.0  # log hazard ratio per SD of the latent prognosis: steep, so OS is learnable
@@ -98,6 +102,9 @@ RHO = {"bclc": 0.45, "afp": 0.35, "size": 0.45, "nodules": 0.35, "sorafenib": 0.
 INT_AIR, INT_TISSUE, INT_FAT, INT_LIVER = 0.0, 0.35, 0.8, 0.5
 INT_VESSEL, INT_AORTA, INT_SPINE, INT_SPLEEN = 0.9, 1.2, 0.25, 0.55
 INT_VIABLE, INT_NECROTIC = 1.0, 0.18
+INT_PERITUMORAL = 0.62  # arterial peritumoral enhancement around high-risk lesions (label: liver)
+PERITUMORAL_MM = 5.0
+BODY_HALF_AXES_MM = (165.0, 120.0)  # real-size abdomen, left-right and antero-posterior
 
 CLINICAL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + ("aetiology", "risk_class", "mrecist")
 
@@ -140,6 +147,7 @@ class PatientPlan:
     vessels: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)  # a, b, radius
     texture: tuple[np.ndarray, np.ndarray] | None = None  # freqs, phases
     heterogeneity: float = 0.05
+    peritumoral: bool = False
     fat_mm: float = 15.0
 
 
@@ -200,6 +208,8 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
     _plan_lesions(rng, plan, g=g, size_cat=size_cat, n_main=int(rng.integers(4, 6)) if nodules_gt3 else int(rng.integers(1, 4)),
                   high_risk=high_risk, treatment=treatment)
     mrecist, sums = _best_mrecist(plan.lesions)
+    if rng.random() < P_MRECIST_MISSING:
+        mrecist = "NA"
 
     plan.clinical = {
         "patient_id": pid, "age": int(round(age)), "sex": sex, "treatment": treatment, "sorafenib": sorafenib,
@@ -222,6 +232,11 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
     return plan
 
 
+def _viable(logit: float) -> float:
+    """Viable fraction from a logit; below ~7 % the lesion counts as completely necrotic."""
+    return float(np.clip(VIABLE_GAIN * _sigmoid(logit) - VIABLE_FLOOR, 0.0, 1.0))
+
+
 def _cap_fraction(v: float) -> float:
     """Volume fraction of a sphere in a cap of height v * diameter."""
     v = min(max(v, 0.0), 1.0)
@@ -238,8 +253,8 @@ def _plan_anatomy(rng: np.random.Generator, plan: PatientPlan) -> None:
     jitter = lambda s: rng.uniform(1 - s, 1 + s)  # noqa: E731
     # real-size body frame in RAS+ mm (+x = patient's right): the liver sits at +x
     plan.liver_lobes = [
-        (np.array([60.0, 0.0, -5.0]) * jitter(0.1), np.array([72.0, 80.0, 70.0]) * jitter(0.1)),  # right lobe
-        (np.array([-20.0, 35.0, 15.0]) * jitter(0.15), np.array([58.0, 42.0, 45.0]) * jitter(0.12)),  # left lobe
+        (np.array([58.0, -5.0, -5.0]) * jitter(0.1), np.array([85.0, 92.0, 80.0]) * jitter(0.1)),  # right lobe
+        (np.array([-25.0, 35.0, 15.0]) * jitter(0.15), np.array([65.0, 45.0, 45.0]) * jitter(0.12)),  # left lobe
         (np.array([15.0, -20.0, 10.0]) * jitter(0.2), np.array([25.0, 22.0, 30.0]) * jitter(0.15)),  # caudate
     ]
     freqs, phases = _random_fourier(rng, 6, 140.0)
@@ -291,9 +306,11 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
     d_max = rng.uniform(lo, hi)
     plan.heterogeneity = float(rng.uniform(0.22, 0.3) if high_risk else rng.uniform(0.02, 0.06))
     irregular = float(rng.uniform(0.18, 0.28) if high_risk else rng.uniform(0.0, 0.05))
+    plan.peritumoral = bool(rng.random() < (0.7 if high_risk else 0.05))
     # per-step diameter factor: shrink when g < 0, grow when g > 0
     step = lambda: math.exp(0.05 + 0.22 * g + 0.04 * rng.standard_normal())  # noqa: E731
-    necrosis = lambda shift: float(np.clip(_sigmoid(1.8 * g + shift + 0.3 * rng.standard_normal()), 0.0, 1.0))  # noqa: E731
+    # enhancing (viable) fraction after TACE: small when the prognosis is good, 0 = complete necrosis
+    viable_fraction = lambda shift: _viable(1.8 * g + shift + 0.3 * rng.standard_normal())  # noqa: E731
     lesions = []
     for k in range(n_main):
         d0 = d_max if k == 0 else d_max * rng.uniform(0.35, 0.85)
@@ -301,14 +318,13 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
         d1 = d0 * step()
         d2 = d1 * step()
         v0 = 1.0 if not high_risk else float(rng.uniform(0.8, 1.0))
-        v1, v2 = necrosis(-0.3), necrosis(0.0)
+        v1, v2 = viable_fraction(VIABLE_SHIFT[0]), viable_fraction(VIABLE_SHIFT[1])
         if treatment == "TACE+MWA" and k == 0:
             # the dominant nodule is ablated after the first TACE: an ablation zone a bit larger
             # than the tumour, non-enhancing unless the prognosis is poor (residual viable rim)
             d1 = d0 * 1.15 * (1 + max(g, 0) * 0.1)
             d2 = d1 * step()
-            v1 = float(np.clip(_sigmoid(2.0 * g - 2.0), 0, 1))
-            v2 = float(np.clip(_sigmoid(2.2 * g - 1.5), 0, 1))
+            v1, v2 = _viable(2.0 * g - 2.0), _viable(2.2 * g - 1.5)
         lesions.append(_new_lesion(rng, plan, (d0, d1, d2), (v0, v1, v2), "nodule", irregular))
     if high_risk:
         dominant = lesions[0]
@@ -318,7 +334,7 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
             centre = dominant.centre + direction * (dominant.diameter[0] / 2 + rng.uniform(6.0, 14.0))
             ds = rng.uniform(5.0, 9.0)
             d1s = ds * step()
-            lesions.append(_new_lesion(rng, plan, (ds, d1s, d1s * step()), (1.0, necrosis(0.5), necrosis(0.8)),
+            lesions.append(_new_lesion(rng, plan, (ds, d1s, d1s * step()), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
                                        "satellite", irregular * 0.5, centre=centre))
     # new lesions in poor-prognosis patients (intrahepatic progression)
     n_new_t1 = int(rng.poisson(1.2 * max(g - 0.3, 0.0)))
@@ -420,36 +436,69 @@ def lesion_gain(shape: int) -> float:
     return float(np.clip(96.0 / shape, 1.0, 3.0))
 
 
-def _render(plan: PatientPlan, t: int, r: np.ndarray, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Clean intensity and label at real body-frame points r (..., 3) for time point t."""
+def _index_box(inv: np.ndarray, centre, half, dims):
+    """Voxel-index slices of the box ``centre +/- half`` (real frame), or None when off the grid."""
+    centre_ijk = inv[:3, :3] @ np.asarray(centre, float) + inv[:3, 3]
+    reach = np.abs(inv[:3, :3]) @ np.asarray(half, float)
+    lo = np.clip(np.floor(centre_ijk - reach).astype(int), 0, dims)
+    hi = np.clip(np.ceil(centre_ijk + reach).astype(int) + 1, 0, dims)
+    if np.any(hi <= lo):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _render(plan: PatientPlan, t: int, dims, to_real: np.ndarray, gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Clean intensity and label of a grid ``dims`` for time point t.
+
+    ``to_real`` (4 x 4) maps voxel indices to the real body frame; lesions are evaluated only in
+    their bounding boxes and vessels only inside the liver, which keeps S = 128 at ~1 s a scan.
+    """
+    dims = tuple(int(n) for n in dims)
+    m3, off = to_real[:3, :3].astype(np.float32), to_real[:3, 3].astype(np.float32)
+    ijk = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in dims), indexing="ij"), -1)
+    r = ijk @ m3.T + off
+    del ijk
     x, y = r[..., 0], r[..., 1]
-    intensity = np.full(r.shape[:-1], INT_AIR, np.float32)
-    label = np.zeros(r.shape[:-1], np.uint8)
-    ax_, ay_ = 165.0, 120.0
-    body_rho = np.sqrt((x / ax_) ** 2 + ((y + 10.0) / ay_) ** 2)
-    body = body_rho <= 1.0
-    intensity[body] = INT_FAT
-    inner = body_rho <= 1.0 - plan.fat_mm / ay_
+    intensity = np.full(dims, INT_AIR, np.float32)
+    label = np.zeros(dims, np.uint8)
+    body_rho = np.sqrt((x / BODY_HALF_AXES_MM[0]) ** 2 + ((y + 10.0) / BODY_HALF_AXES_MM[1]) ** 2)
+    intensity[body_rho <= 1.0] = INT_FAT
+    inner = body_rho <= 1.0 - plan.fat_mm / BODY_HALF_AXES_MM[1]
     intensity[inner] = INT_TISSUE
-    spleen = ((x + 100.0) / 40.0) ** 2 + ((y + 35.0) / 50.0) ** 2 + (r[..., 2] / 60.0) ** 2 <= 1.0
+    spleen = ((x + 105.0) / 38.0) ** 2 + ((y + 35.0) / 50.0) ** 2 + (r[..., 2] / 60.0) ** 2 <= 1.0
     intensity[spleen & inner] = INT_SPLEEN
     intensity[((x + 15.0) ** 2 + (y + 55.0) ** 2 <= 12.0**2) & inner] = INT_AORTA
-    intensity[((x - 0.0) ** 2 + (y + 92.0) ** 2 <= 22.0**2) & inner] = INT_SPINE
+    intensity[(x**2 + (y + 92.0) ** 2 <= 22.0**2) & inner] = INT_SPINE
 
+    # liver: union of ellipsoids in a smoothly warped frame (lobulated outline), evaluated in its
+    # bounding box only
+    inv = np.linalg.inv(to_real)
     freqs, phases, amps = plan.liver_warp
-    warped = r.copy()
-    for axis in range(3):
-        warped[..., axis] += amps[2 * axis % len(amps)] * np.cos(r @ freqs[axis].astype(np.float32) + np.float32(phases[axis]))
-    liver = np.zeros(r.shape[:-1], bool)
-    for centre, radii in plan.liver_lobes:
-        liver |= (((warped - centre.astype(np.float32)) / radii.astype(np.float32)) ** 2).sum(-1) <= 1.0
+    lo_real = np.min([c - rad for c, rad in plan.liver_lobes], axis=0) - amps.max()
+    hi_real = np.max([c + rad for c, rad in plan.liver_lobes], axis=0) + amps.max()
+    box = _index_box(inv, (lo_real + hi_real) / 2, (hi_real - lo_real) / 2, dims)
+    liver = np.zeros(dims, bool)
+    if box is not None:
+        rb = r[box]
+        warped = rb.copy()
+        for axis in range(3):
+            warped[..., axis] += np.float32(amps[axis]) * np.cos(rb @ freqs[axis].astype(np.float32) + np.float32(phases[axis]))
+        sub = np.zeros(rb.shape[:-1], bool)
+        for centre, radii in plan.liver_lobes:
+            sub |= (((warped - centre.astype(np.float32)) / radii.astype(np.float32)) ** 2).sum(-1) <= 1.0
+        liver[box] = sub
     liver &= inner
-    texture = _fourier_field(r, *plan.texture)
-    intensity[liver] = INT_LIVER * (1.0 + 0.04 * texture[liver])
-    label[liver] = 1
+    liver_idx = np.flatnonzero(liver)
+    r_flat = r.reshape(-1, 3)
+    r_liver = r_flat[liver_idx]
+    intensity.flat[liver_idx] = INT_LIVER * (1.0 + 0.04 * _fourier_field(r_liver, *plan.texture))
+    label.flat[liver_idx] = 1
     for a, b, radius in plan.vessels:
-        vessel = liver & (_segment_distance(r, a, b) <= radius)
-        intensity[vessel] = INT_VESSEL
+        lo, hi = np.minimum(a, b) - radius, np.maximum(a, b) + radius
+        near = np.flatnonzero(np.all((r_liver >= lo.astype(np.float32)) & (r_liver <= hi.astype(np.float32)), axis=1))
+        if near.size:
+            hit = _segment_distance(r_liver[near], a, b) <= radius
+            intensity.flat[liver_idx[near[hit]]] = INT_VESSEL
 
     for les in plan.lesions:
         d = les.diameter[t]
@@ -457,20 +506,26 @@ def _render(plan: PatientPlan, t: int, r: np.ndarray, gain: float = 1.0) -> tupl
             continue
         radius = d * gain / 2.0
         reach = radius * (1.0 + les.irregularity) + 1.0
-        box = np.all(np.abs(r - les.centre.astype(np.float32)) <= reach, axis=-1) & inner
-        if not box.any():
+        # peritumoral arterial enhancement (a high-risk sign) reaches a little further
+        halo = PERITUMORAL_MM * gain if plan.peritumoral else 0.0
+        box = _index_box(inv, les.centre, np.full(3, reach + halo), dims)
+        if box is None:
             continue
         rel = r[box] - les.centre.astype(np.float32)
+        sub_inner = inner[box]
         dist = np.linalg.norm(rel, axis=-1)
-        unit = rel / np.maximum(dist, 1e-6)[:, None]
-        wobble = _fourier_field(unit, les.shape_freqs, les.shape_phases) / 2.0
-        inside = dist <= radius * (1.0 + les.irregularity * wobble)
+        unit = rel / np.maximum(dist, 1e-6)[..., None]
+        bound = radius * (1.0 + les.irregularity * _fourier_field(unit, les.shape_freqs, les.shape_phases) / 2.0)
+        inside = (dist <= bound) & sub_inner
+        sub_int, sub_lab = intensity[box], label[box]
+        if halo > 0:
+            ring = (dist > bound) & (dist <= bound + halo) & (sub_lab == 1)
+            sub_int[ring] = np.maximum(sub_int[ring], INT_PERITUMORAL)
         necrotic = (rel @ les.normal.astype(np.float32)) > radius * (1.0 + les.irregularity) * (2.0 * les.viable[t] - 1.0)
-        vals = np.where(necrotic, INT_NECROTIC,
-                        INT_VIABLE * np.clip(1.0 + plan.heterogeneity * 1.2 * texture[box], 0.7, 1.5)).astype(np.float32)
-        idx = np.flatnonzero(box)[inside]
-        intensity.flat[idx] = vals[inside]
-        label.flat[idx] = 2
+        texture = _fourier_field(r[box][inside], *plan.texture)
+        viable = INT_VIABLE * np.clip(1.0 + plan.heterogeneity * 1.2 * texture, 0.7, 1.5)
+        sub_int[inside] = np.where(necrotic[inside], np.float32(INT_NECROTIC), viable).astype(np.float32)
+        sub_lab[inside] = 2
     return intensity, label
 
 
@@ -488,17 +543,16 @@ def _scan(plan: PatientPlan, t: int, shape: int, rng: np.random.Generator, orien
     affine[:3, :3] = rot @ np.diag(zooms)
     affine[:3, 3] = centre_world + offset - affine[:3, :3] @ ((dims - 1) / 2.0)
 
-    ijk = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in dims), indexing="ij"), -1)
-    world = ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
-    real = (world - centre_world.astype(np.float32)) / _real_scale(shape, nz).astype(np.float32)
-    clean, label = _render(plan, t, real, lesion_gain(shape))
+    to_real = np.diag(np.append(1.0 / _real_scale(shape, nz), 1.0)) @ affine
+    to_real[:3, 3] -= centre_world / _real_scale(shape, nz)
+    clean, label = _render(plan, t, dims, to_real, lesion_gain(shape))
 
     # partial volume in-plane, then bias field, Rician noise, scanner scale
     clean = ndimage.gaussian_filter(clean, sigma=(0.6, 0.6, 0.3))
-    unit = (ijk / (dims - 1).astype(np.float32)) * 2 - 1
-    coeffs = rng.normal(0, 0.12, 6).astype(np.float32)
-    bias = np.exp(coeffs[0] * unit[..., 0] + coeffs[1] * unit[..., 1] + coeffs[2] * unit[..., 2]
-                  + coeffs[3] * unit[..., 0] ** 2 + coeffs[4] * unit[..., 1] ** 2 + coeffs[5] * unit[..., 0] * unit[..., 1])
+    u = np.ogrid[-1:1:dims[0] * 1j, -1:1:dims[1] * 1j, -1:1:dims[2] * 1j]
+    u = [a.astype(np.float32) for a in u]
+    c = rng.normal(0, 0.12, 6).astype(np.float32)
+    bias = np.exp(c[0] * u[0] + c[1] * u[1] + c[2] * u[2] + c[3] * u[0] ** 2 + c[4] * u[1] ** 2 + c[5] * u[0] * u[1])
     sigma = rng.uniform(0.015, 0.035)
     signal = clean * bias
     noisy = np.sqrt((signal + rng.normal(0, sigma, signal.shape)) ** 2 + rng.normal(0, sigma, signal.shape) ** 2)
