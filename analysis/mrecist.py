@@ -154,37 +154,40 @@ class Lesion:
     longest_mm: float
     viable_mm: float
     notes: list[str] = field(default_factory=list)
+    ijk: np.ndarray | None = field(default=None, repr=False)  # voxel indices (n, 3) in its scan
 
     @property
     def enhancing(self) -> bool:
         return self.viable_mm > 0
 
 
+def _shifted(affine: np.ndarray, offset) -> np.ndarray:
+    """Affine of a sub-array starting at voxel ``offset``."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] = affine[:3, :3] @ np.asarray(offset, dtype=np.float64) + affine[:3, 3]
+    return out
+
+
 def _viable_region(lesion: np.ndarray, image: np.ndarray, mask: np.ndarray, affine: np.ndarray,
-                   k: float, shell_mm: float, min_viable_mm3: float) -> tuple[np.ndarray, str | None]:
+                   k: float, shell_mm: float, min_viable_mm3: float,
+                   whole_liver=None) -> tuple[np.ndarray, str | None]:
+    """Viable voxels of ``lesion`` (arrays cropped around the lesion with at least ``shell_mm`` margin)."""
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    margin = np.ceil(shell_mm / spacing).astype(int) + 1
-    idx = np.argwhere(lesion)
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + margin + 1, lesion.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    les_box = lesion[box]
-    dist = ndimage.distance_transform_edt(~les_box, sampling=spacing)
-    shell = (dist > 0) & (dist <= shell_mm) & (mask[box] == LABELS["liver"])
-    reference = image[box][shell]
+    dist = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    shell = (dist > 0) & (dist <= shell_mm) & (mask == LABELS["liver"])
+    reference = image[shell]
     note = None
-    if reference.size < MIN_SHELL_VOXELS:
-        reference = image[mask == LABELS["liver"]]
+    if reference.size < MIN_SHELL_VOXELS and whole_liver is not None:
+        reference = whole_liver()
         note = "liver shell too small: whole liver used as enhancement reference"
     if reference.size < MIN_SHELL_VOXELS:
         return lesion.copy(), "no liver voxels to compare enhancement with: whole lesion counted as viable"
     med = float(np.median(reference))
     robust_sd = 1.4826 * float(np.median(np.abs(reference - med)))
-    viable = np.zeros_like(lesion)
-    viable[box] = les_box & (image[box] > med + k * robust_sd)
+    viable = lesion & (image > med + k * robust_sd)
     if min_viable_mm3 > 0 and viable.any():
         lab, n = ndimage.label(viable, structure=_STRUCTURE_26)
-        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
         too_small = np.flatnonzero(sizes * _voxel_volume_mm3(affine) < min_viable_mm3) + 1
         if too_small.size:
             viable[np.isin(lab, too_small)] = False
@@ -199,31 +202,45 @@ def find_lesions(mask: np.ndarray, affine: np.ndarray, image: np.ndarray | None 
     Without ``image`` the viable part cannot be judged and is reported as 0 mm.
     """
     labelled, n = ndimage.label(mask == LABELS["tumour"], structure=_STRUCTURE_26)
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    margin = np.ceil(shell_mm / spacing).astype(int) + 1
+    liver_cache: list[np.ndarray] = []
+
+    def whole_liver() -> np.ndarray:
+        if not liver_cache:
+            liver_cache.append(image[mask == LABELS["liver"]])
+        return liver_cache[0]
+
     lesions = []
-    for lab in range(1, n + 1):
-        region = labelled == lab
-        ijk = np.argwhere(region).mean(axis=0)
-        centroid = affine[:3, :3] @ ijk + affine[:3, 3]
+    for lab, box in enumerate(ndimage.find_objects(labelled), start=1):
+        lo = np.maximum([b.start for b in box] - margin, 0)
+        hi = np.minimum(np.array([b.stop for b in box]) + margin, labelled.shape)
+        crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+        region = labelled[crop] == lab
+        crop_affine = _shifted(affine, lo)
+        ijk = np.argwhere(region) + lo
+        centroid = affine[:3, :3] @ ijk.mean(axis=0) + affine[:3, 3]
         notes: list[str] = []
         if image is None:
             viable_mm = 0.0
         else:
-            viable, note = _viable_region(region, image, mask, affine, k, shell_mm, min_viable_mm3)
-            viable_mm = longest_axial_diameter_mm(viable, affine)
+            viable, note = _viable_region(region, image[crop], mask[crop], crop_affine, k, shell_mm,
+                                          min_viable_mm3, whole_liver)
+            viable_mm = longest_axial_diameter_mm(viable, crop_affine)
             if note:
                 notes.append(note)
-        lesions.append(Lesion(lab, int(region.sum()), centroid, longest_axial_diameter_mm(region, affine),
-                              viable_mm, notes))
+        lesions.append(Lesion(lab, len(ijk), centroid, longest_axial_diameter_mm(region, crop_affine),
+                              viable_mm, notes, ijk))
     return lesions, labelled
 
 
 def _match(baseline: list[Lesion], labelled0: np.ndarray, affine0: np.ndarray, follow: list[Lesion],
-           labelled1: np.ndarray, affine1: np.ndarray, match_mm: float) -> dict[int, int | None]:
+           affine1: np.ndarray, match_mm: float) -> dict[int, int | None]:
     """follow-up lesion label -> baseline lesion label (None = new lesion)."""
     to_base = np.linalg.inv(affine0) @ affine1
     out: dict[int, int | None] = {}
     for les in follow:
-        ijk = np.argwhere(labelled1 == les.label).astype(np.float64)
+        ijk = les.ijk.astype(np.float64)
         mapped = np.rint(ijk @ to_base[:3, :3].T + to_base[:3, 3]).astype(int)
         inside = np.all((mapped >= 0) & (mapped < labelled0.shape), axis=1)
         hits = labelled0[tuple(mapped[inside].T)]
@@ -290,10 +307,10 @@ def measure_patient(cohort: str | Path, masks: str | Path, patient_id: str, k: f
             notes.append(f"{tp} not assessed: {why}")
             continue
         image, mask, aff = scan
-        follow, lab = find_lesions(mask, aff, image, k, shell_mm, min_viable_mm3)
+        follow, _ = find_lesions(mask, aff, image, k, shell_mm, min_viable_mm3)
         for les in follow:
             notes += [f"{tp}: {n}" for n in les.notes]
-        matched = _match(base, lab0, aff0, follow, lab, aff, match_mm)
+        matched = _match(base, lab0, aff0, follow, aff, match_mm)
         for i, t in enumerate(targets, start=1):
             row[f"target{i}_viable_mm_{tp}"] = sum(f.viable_mm for f in follow if matched[f.label] == t.label)
         row[f"sum_mm_{tp}"] = sum(row[f"target{i}_viable_mm_{tp}"] for i in range(1, len(targets) + 1))

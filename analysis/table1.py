@@ -71,8 +71,8 @@ def _fmt_mean(values: pd.Series) -> str:
     v = values.dropna()
     if v.empty:
         return "-"
-    sd = v.std(ddof=1) if len(v) > 1 else float("nan")
-    return f"{v.mean():.1f} ({sd:.1f})"
+    sd = f"{v.std(ddof=1):.1f}" if len(v) > 1 else "-"
+    return f"{v.mean():.1f} ({sd})"
 
 
 def _categorical(frame, column, label, levels, group, groups, notes, tests):

@@ -222,3 +222,18 @@ def test_bad_mask_values_named(tmp_path):
     write(tmp_path, "P1", "t0", (image, mask, aff))
     with pytest.raises(ValueError, match=r"P1/t0.nii.gz: mask values \[1, 2, 7\] found"):
         mrecist_from_masks(tmp_path)
+
+
+def test_enhancement_reference_fallbacks(tmp_path):
+    from analysis.mrecist import find_lesions
+
+    affine = np.diag([*SPACING, 1.0])
+    # no liver at all: enhancement cannot be judged, the whole lesion counts as viable (and says so)
+    image, mask, _ = build([box(10, 10, 20, NECROTIC)])
+    mask[mask == 1] = 0
+    (lesion,), _ = find_lesions(mask, affine, image)
+    assert lesion.viable_mm == pytest.approx(20) and "whole lesion counted as viable" in lesion.notes[0]
+    # liver only far away (> 5 mm shell): whole liver is the reference; necrotic 50 < liver 100 -> 0 mm
+    mask[50:, 50:, :] = 1
+    (lesion,), _ = find_lesions(mask, affine, image)
+    assert lesion.viable_mm == 0 and lesion.notes == ["liver shell too small: whole liver used as enhancement reference"]
