@@ -284,8 +284,10 @@ def plot_km(result: KMResult, ax, title: str = "", marker_months: float | None =
     """Draw one panel: curves with CIs, dashed marker line, log-rank p, numbers at risk below."""
     from lifelines.plotting import add_at_risk_counts
 
-    for kmf in result.fitters.values():
-        kmf.plot_survival_function(ax=ax, ci_show=True, ci_alpha=0.12, show_censors=True,
+    # one colour per level across every panel, so class 3 keeps its colour where class 2 is empty
+    order = list(result.medians["group"])
+    for level, kmf in result.fitters.items():
+        kmf.plot_survival_function(ax=ax, ci_show=True, ci_alpha=0.12, show_censors=True, color=f"C{order.index(level) % 10}",
                                    censor_styles={"ms": 4, "marker": "|"})
     if marker_months is not None:
         ax.axvline(marker_months, color="0.3", linestyle="--", linewidth=1)
