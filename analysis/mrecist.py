@@ -273,8 +273,12 @@ def _scan_pair(cohort: Path, masks: Path, pid: str, tp: str):
 
 def measure_patient(cohort: str | Path, masks: str | Path, patient_id: str, k: float = DEFAULT_K,
                     shell_mm: float = DEFAULT_SHELL_MM, match_mm: float = DEFAULT_MATCH_MM,
-                    min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3) -> dict:
-    """Target diameters, sums and new-lesion flags of one patient (one row of mrecist.csv)."""
+                    min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3, min_target_mm: float = MIN_TARGET_MM) -> dict:
+    """Target diameters, sums and new-lesion flags of one patient (one row of mrecist.csv).
+
+    ``min_target_mm`` is mRECIST's 10 mm; change it only for anatomy drawn at a reduced scale
+    (small synthetic volumes), never for patient data.
+    """
     cohort, masks = Path(cohort), Path(masks)
     row: dict = {"patient_id": patient_id}
     notes: list[str] = []
@@ -286,14 +290,14 @@ def measure_patient(cohort: str | Path, masks: str | Path, patient_id: str, k: f
     base, lab0 = find_lesions(mask0, aff0, image0, k, shell_mm, min_viable_mm3)
     for les in base:
         notes += [f"t0: {n}" for n in les.notes]
-    candidates = [b for b in base if b.longest_mm >= MIN_TARGET_MM - REL_TOL and b.enhancing]
+    candidates = [b for b in base if b.longest_mm >= min_target_mm - REL_TOL and b.enhancing]
     targets = sorted(candidates, key=lambda b: (-b.longest_mm, -b.viable_mm))[:MAX_TARGETS]
     row["n_lesions_t0"] = len(base)
     row["n_targets"] = len(targets)
     if not targets:
         row["sum_mm_t0"] = 0.0
         row["reason"] = ("baseline not measurable: no enhancing lesion with longest axial diameter "
-                         f">= {MIN_TARGET_MM:g} mm ({len(base)} lesion(s) found)")
+                         f">= {min_target_mm:g} mm ({len(base)} lesion(s) found)")
         row["notes"] = "; ".join(notes)
         return row
     for i, t in enumerate(targets, start=1):
@@ -315,7 +319,7 @@ def measure_patient(cohort: str | Path, masks: str | Path, patient_id: str, k: f
             row[f"target{i}_viable_mm_{tp}"] = sum(f.viable_mm for f in follow if matched[f.label] == t.label)
         row[f"sum_mm_{tp}"] = sum(row[f"target{i}_viable_mm_{tp}"] for i in range(1, len(targets) + 1))
         new = [f for f in follow if matched[f.label] is None]
-        qualifying = [f for f in new if f.longest_mm >= MIN_TARGET_MM - REL_TOL and f.enhancing]
+        qualifying = [f for f in new if f.longest_mm >= min_target_mm - REL_TOL and f.enhancing]
         row[f"new_lesion_mm_{tp}"] = max((f.longest_mm for f in new), default=0.0)
         row[f"new_lesion_{tp}"] = int(bool(qualifying))
     row["reason"] = ""
@@ -438,13 +442,14 @@ _ORDER = ["patient_id", "n_lesions_t0", "n_targets", "target1_longest_mm_t0", "t
 
 def mrecist_from_masks(cohort: str | Path, masks: str | Path | None = None, k: float = DEFAULT_K,
                        shell_mm: float = DEFAULT_SHELL_MM, match_mm: float = DEFAULT_MATCH_MM,
-                       min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3) -> pd.DataFrame:
+                       min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3,
+                       min_target_mm: float = MIN_TARGET_MM) -> pd.DataFrame:
     """mrecist.csv for every patient of a cohort (``masks`` defaults to ``<cohort>/labels``)."""
     cohort = Path(cohort)
     masks = Path(masks) if masks is not None else cohort / "labels"
     if not masks.is_dir():
         raise FileNotFoundError(f"masks folder {masks} not found; expected <masks>/<patient_id>/t0.nii.gz ...")
-    rows = [measure_patient(cohort, masks, pid, k, shell_mm, match_mm, min_viable_mm3)
+    rows = [measure_patient(cohort, masks, pid, k, shell_mm, match_mm, min_viable_mm3, min_target_mm)
             for pid in _patients(cohort, masks)]
     table = classify_diameters(pd.DataFrame(rows))
     return table[[c for c in _ORDER if c in table] + [c for c in table if c not in _ORDER]]
@@ -476,11 +481,12 @@ def waterfall_figure(table: pd.DataFrame):
 
 def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = "mrecist.csv",
                 diameters: str | None = None, k: float = DEFAULT_K, shell_mm: float = DEFAULT_SHELL_MM,
-                match_mm: float = DEFAULT_MATCH_MM, figure: bool = True) -> str:
+                match_mm: float = DEFAULT_MATCH_MM, min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3,
+                min_target_mm: float = MIN_TARGET_MM, figure: bool = True) -> str:
     """mRECIST per patient: from --cohort/--masks, or only classify --diameters FILE.
 
     Writes OUT (mrecist.csv) and, with --figure, figures/waterfall.png (+ tables/waterfall.csv)
-    beside it.
+    beside it. --min-target-mm (default 10, the standard) exists only for scaled synthetic anatomy.
     """
     if diameters is not None:
         path = Path(diameters)
@@ -488,7 +494,8 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
             raise SystemExit(f"diameters file {path} not found")
         table = classify_diameters(pd.read_csv(path, dtype={"patient_id": str}))
     elif cohort is not None:
-        table = mrecist_from_masks(cohort, masks, k=k, shell_mm=shell_mm, match_mm=match_mm)
+        table = mrecist_from_masks(cohort, masks, k=k, shell_mm=shell_mm, match_mm=match_mm,
+                                   min_viable_mm3=min_viable_mm3, min_target_mm=min_target_mm)
     else:
         raise SystemExit("give --cohort DIR [--masks DIR] or --diameters FILE")
     write_csv(out, table)

@@ -237,3 +237,12 @@ def test_enhancement_reference_fallbacks(tmp_path):
     mask[50:, 50:, :] = 1
     (lesion,), _ = find_lesions(mask, affine, image)
     assert lesion.viable_mm == 0 and lesion.notes == ["liver shell too small: whole liver used as enhancement reference"]
+
+
+def test_min_target_mm_is_the_only_size_threshold(cohort):
+    from analysis.mrecist import measure_patient
+
+    # with an 8 mm threshold the 8 mm enhancing lesion of NONMEAS becomes the target (8 -> 8 -> 8: SD)
+    row = classify_diameters(pd.DataFrame([measure_patient(cohort, cohort / "labels", "NONMEAS", min_target_mm=8)]))
+    assert row.loc[0, "n_targets"] == 1 and row.loc[0, "sum_mm_t0"] == pytest.approx(8)
+    assert row.loc[0, "best_response"] == "SD"
