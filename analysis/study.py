@@ -1,0 +1,573 @@
+"""The whole study, end to end, resumable: ``python -m analysis study``.
+
+validate -> datalists -> segmentation (train / given weights) -> segmentation inference ->
+masks (manual labels where present, else automatic) -> prognosis 4-fold cross-validation with
+out-of-fold predictions -> Grad-CAM++ -> radiomics -> classical models -> mRECIST ->
+Kaplan-Meier -> Cox -> nomogram -> Table 1 -> report.html
+
+The two MONAI bundles are driven through ``python -m monai.bundle run`` with command-line
+overrides (never through copies of their configs); everything else calls the ``analysis``
+functions. :mod:`analysis.pipeline` gives the manifest, resume and progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import io
+from analysis.cohort import TIMEPOINTS, find_scan, is_synthetic, read_clinical, validate_cohort
+from analysis.pipeline import Pipeline, Stage, StageFailure, StageResult
+
+log = logging.getLogger(__name__)
+
+#: the study's settings per profile. ``demo`` fits 2 CPU cores in minutes (tiny networks: its
+#: numbers show the machinery works, not what the model can do); ``paper`` is the paper's setup
+#: for a GPU site.
+PROFILES: dict[str, dict] = {
+    "demo": {
+        "patients": 16, "shape": 64, "seed": 0, "folds": 4,
+        "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 2, "prog_epochs": 2,
+        "seg_spacing_mm": [3.0, 3.0, 5.0], "sw_batch_size": 1, "num_workers": 0,
+        "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
+    },
+    "paper": {
+        "patients": 181, "shape": 128, "seed": 0, "folds": 4,
+        "feature_size": 48, "net_size": 128, "seg_roi": 96, "seg_epochs": 300, "prog_epochs": 160,
+        "seg_spacing_mm": [1.5, 1.5, 2.0], "sw_batch_size": 4, "num_workers": 4,
+        "radiomics_jobs": os.cpu_count() or 2, "bootstrap": 2000, "cox_penalizer": 0.0, "device": "auto",
+    },
+}
+
+#: the paper's headline numbers (Yao et al. 2025), shown beside this run's
+PAPER = {
+    "segmentation Dice (Eq. 2)": 0.83,
+    "ProgSwin-UNETR macro AUC": 0.92,
+    "ProgSwin-UNETR accuracy": 0.86,
+    "best radiomics macro AUC (naive Bayes)": 0.76,
+    "KM log-rank p, ProgSwin, all": "<0.005",
+    "KM log-rank p, mRECIST, all": 0.01,
+    "Cox C-index": 0.81,
+}
+
+STAGE_NAMES = ("validate", "datalists", "segmentation", "segmentation_inference", "masks", "prognosis",
+               "gradcam", "radiomics", "classify", "mrecist", "km", "cox", "nomogram", "table1", "report")
+
+
+def find_bundles(bundles: str | os.PathLike | None = None) -> Path:
+    """The folder holding hcc_liver_seg/ and progswin_prognosis/ (flag, $HCC_BUNDLES, ./bundles, repo)."""
+    candidates = [bundles, os.environ.get("HCC_BUNDLES"), Path.cwd() / "bundles",
+                  Path(__file__).resolve().parents[1] / "bundles"]
+    for c in candidates:
+        if c and (Path(c) / "hcc_liver_seg" / "configs").is_dir():
+            return Path(c).resolve()
+    raise FileNotFoundError("cannot find the bundles folder (hcc_liver_seg/, progswin_prognosis/): run from the "
+                            "repository root or pass --bundles DIR (or set HCC_BUNDLES)")
+
+
+@dataclass
+class StudyContext:
+    out: Path
+    cohort: Path
+    settings: dict
+    bundles: Path
+    seg_weights: Path | None = None
+    masks_source: str = "auto"
+    synthetic: bool = False
+    stop_on_failure: dict = field(default_factory=lambda: {n: True for n in STAGE_NAMES[:5]})
+
+    # --- paths of stage outputs
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    @property
+    def seg_bundle(self) -> Path:
+        return self.bundles / "hcc_liver_seg"
+
+    @property
+    def prog_bundle(self) -> Path:
+        return self.bundles / "progswin_prognosis"
+
+    @property
+    def clinical(self) -> Path:
+        return self.cohort / "clinical.csv"
+
+
+# ------------------------------------------------------------------------------ bundle driver
+def bundle_code(bundle: Path) -> list[Path]:
+    """What defines a bundle's behaviour (hashed as stage input): configs and scripts."""
+    return [bundle / "configs", bundle / "scripts"]
+
+
+def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path, bar=None,
+               module: str = "monai.bundle", verb: str = "run") -> None:
+    """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to ``log_file``."""
+    config_files = [str(bundle / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", module, verb]
+    if module == "monai.bundle":
+        cmd += ["--config_file", json.dumps(config_files) if len(config_files) > 1 else config_files[0],
+                "--bundle_root", str(bundle), "--meta_file", str(bundle / "configs" / "metadata.json"),
+                "--logging_file", str(bundle / "configs" / "logging.conf")]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(bundle), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log.info("running %s", " ".join(cmd))
+    with open(log_file, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(bundle.parent))
+    if proc.returncode != 0:
+        tail = "".join(open(log_file).readlines()[-25:])
+        raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {proc.returncode}; "
+                           f"log {log_file}; last lines:\n{tail}")
+    if bar is not None:
+        bar.update(1)
+
+
+# ---------------------------------------------------------------------------------- stages
+def _validate(ctx: StudyContext, staging: Path, bar) -> dict:
+    problems = validate_cohort(ctx.cohort, progress=False)
+    if problems:
+        raise StageFailure(f"cohort {ctx.cohort} is not valid ({len(problems)} problem(s)):\n"
+                           + "\n".join(f"  {p}" for p in problems))
+    from analysis.cohort import summarise_cohort
+
+    summary = summarise_cohort(ctx.cohort)
+    io.write_json(staging / "summary.json", summary)
+    bar.update(1)
+    return {"patients": summary["patients"], "scans": summary["scans"]}
+
+
+def _datalists(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.datalists import write_datalists
+
+    write_datalists(ctx.cohort, out=staging, folds=ctx.settings["folds"], seed=ctx.settings["seed"],
+                    masks=ctx.path("masks"), dataset_dir=ctx.cohort)
+    prog = json.loads((staging / "prognosis.json").read_text())
+    bar.update(1)
+    return {"labelled_patients": len(prog["training"]), "excluded": len(prog["excluded"])}
+
+
+def _has_labels(ctx: StudyContext) -> bool:
+    seg = json.loads(ctx.path("datalists", "segmentation.json").read_text())
+    return bool(seg["training"])
+
+
+def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
+    s = ctx.settings
+    models = staging / "models"
+    if ctx.seg_weights:
+        models.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ctx.seg_weights, models / "model.pt")
+        io.write_json(staging / "source.json", {"weights": str(ctx.seg_weights), "trained": False})
+        return {"trained": False}
+    if not _has_labels(ctx):
+        raise StageFailure("no manual labels (labels/<patient_id>/t*.nii.gz) to train the segmentation "
+                           "model and no --seg-weights given: pass pretrained weights with --seg-weights FILE")
+    overrides = {
+        "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
+        "ckpt_dir": str(models), "output_dir": str(staging / "eval"),
+        "max_epochs": s["seg_epochs"], "feature_size": s["feature_size"], "roi_size": [s["seg_roi"]] * 3,
+        "device": _device(s),
+    }
+    bar.reset(total=2)
+    run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
+    run_bundle(ctx.seg_bundle, ["train.json", "evaluate.json"], overrides, staging / "evaluate.log", bar)
+    return _seg_metrics(staging / "eval")
+
+
+def _seg_metrics(eval_dir: Path) -> dict:
+    """Headline Dice numbers from the bundle's evaluation CSV (whatever of them exist)."""
+    for name in ("metrics_summary.csv", "summary.csv", "metrics.csv"):
+        p = eval_dir / name
+        if p.exists():
+            frame = pd.read_csv(p)
+            numeric = frame.select_dtypes("number")
+            return {c: round(float(numeric[c].mean()), 4) for c in numeric.columns if "dice" in c.lower()}
+    return {}
+
+
+def _device(settings: dict) -> str:
+    if settings["device"] == "auto":
+        return "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
+    return f"$torch.device('{settings['device']}')"
+
+
+def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
+    s = ctx.settings
+    overrides = {
+        "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
+        "ckpt_dir": str(ctx.path("segmentation", "models")), "output_dir": str(staging),
+        "data_root_dir": str(ctx.cohort / "images"), "feature_size": s["feature_size"],
+        "roi_size": [s["seg_roi"]] * 3, "device": _device(s),
+    }
+    bar.reset(total=1)
+    run_bundle(ctx.seg_bundle, ["inference.json"], overrides, staging / "inference.log", bar)
+    n = len(list(staging.rglob("*.nii.gz")))
+    return {"masks_written": n}
+
+
+def _masks(ctx: StudyContext, staging: Path, bar) -> dict:
+    """Masks used downstream: manual label where present (unless --masks-source segmentation)."""
+    clinical = read_clinical(ctx.clinical)
+    rows = []
+    bar.reset(total=len(clinical) * len(TIMEPOINTS))
+    for pid in clinical["patient_id"]:
+        for tp in TIMEPOINTS:
+            manual = find_scan(ctx.cohort / "labels", pid, tp)
+            auto = find_scan(ctx.path("segmentation_inference"), pid, tp)
+            if ctx.masks_source != "segmentation" and manual is not None:
+                src, kind = manual, "manual"
+            elif auto is not None:
+                src, kind = auto, "segmentation"
+            else:
+                raise StageFailure(f"patient {pid} time point {tp}: no manual label and no segmentation output "
+                                   f"(looked in {ctx.cohort / 'labels'} and {ctx.path('segmentation_inference')})")
+            dst = staging / pid / f"{tp}.nii.gz"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            rows.append({"patient_id": pid, "timepoint": tp, "source": kind})
+            bar.update(1)
+    frame = pd.DataFrame(rows)
+    io.write_csv(staging / "sources.csv", frame)
+    return {k: int(v) for k, v in frame["source"].value_counts().items()}
+
+
+def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
+    s = ctx.settings
+    overrides = {
+        "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "max_epochs": s["prog_epochs"],
+        "device": _device(s), "num_workers": s["num_workers"],
+    }
+    cmd_overrides = {"bundle_root": str(ctx.prog_bundle), "dataset_dir": str(ctx.cohort),
+                     "datalist": str(ctx.path("datalists", "prognosis.json")), "output_dir": str(staging),
+                     "folds": s["folds"], **overrides}
+    bar.reset(total=1)
+    run_bundle(ctx.prog_bundle, [], cmd_overrides, staging / "cross_validate.log", bar,
+               module="scripts.cross_validate", verb="")
+    metrics_path = staging / "evaluation" / "metrics.json"
+    if not metrics_path.exists():
+        raise StageFailure(f"cross-validation finished without {metrics_path}")
+    metrics = json.loads(metrics_path.read_text())
+    return {"macro_auc": metrics.get("macro_auc"), "accuracy": metrics.get("accuracy")}
+
+
+def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
+    s = ctx.settings
+    overrides = {
+        "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
+        "ckpt_dir": str(ctx.path("prognosis", "models")), "output_dir": str(staging),
+        "predictions": str(ctx.path("prognosis", "oof_predictions.csv")),
+        "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "device": _device(s),
+    }
+    bar.reset(total=1)
+    run_bundle(ctx.prog_bundle, ["gradcam.json"], overrides, staging / "gradcam.log", bar)
+    return {"montages": len(list(staging.rglob("*.png")))}
+
+
+def _radiomics(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.radiomics import extract_features
+
+    features = extract_features(ctx.cohort, ctx.path("masks"), timepoint="t1", roi="tumour",
+                                jobs=ctx.settings["radiomics_jobs"], out=staging / "features.csv",
+                                cache_dir=ctx.path(".cache", "radiomics"))
+    bar.update(1)
+    return {"patients": int(len(features))}
+
+
+def _classify(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.models import classify
+
+    oof = ctx.path("prognosis", "oof_predictions.csv")
+    classify(ctx.path("radiomics", "features.csv"), ctx.clinical, out=staging,
+             dl_predictions=oof if oof.exists() else None, seed=ctx.settings["seed"],
+             n_boot=ctx.settings["bootstrap"])
+    bar.update(1)
+    summary = json.loads((staging / "summary.json").read_text())
+    best = max(summary["models"].items(), key=lambda kv: kv[1].get("macro_auc") or 0)
+    return {"best_model": best[0], "best_macro_auc": best[1].get("macro_auc")}
+
+
+def _mrecist(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.mrecist import mrecist_from_masks
+
+    frame = mrecist_from_masks(ctx.cohort, ctx.path("masks"))
+    io.write_csv(staging / "mrecist.csv", frame)
+    bar.update(1)
+    return {k: int(v) for k, v in frame["best_response"].fillna("NA").value_counts().items()}
+
+
+def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
+    """One row per patient: the three methods' groups for Kaplan-Meier and the Cox table."""
+    clinical = read_clinical(ctx.clinical)
+    frame = clinical[["patient_id"]].copy()
+    mrecist = pd.read_csv(ctx.path("mrecist", "mrecist.csv"))
+    frame = frame.merge(mrecist[["patient_id", "best_response"]].rename(columns={"best_response": "mrecist"}),
+                        on="patient_id", how="left")
+    rad = ctx.path("classify", "radiomic_score.csv")
+    if rad.exists():
+        r = pd.read_csv(rad)
+        keep = [c for c in ("patient_id", "radiomic_score", "pred_class") if c in r]
+        frame = frame.merge(r[keep].rename(columns={"pred_class": "radiomics_class"}), on="patient_id", how="left")
+    dl = ctx.path("prognosis", "all_predictions.csv")
+    if not dl.exists():
+        dl = ctx.path("prognosis", "oof_predictions.csv")
+    if dl.exists():
+        d = pd.read_csv(dl)[["patient_id", "pred_class"]].rename(columns={"pred_class": "dl_class"})
+        frame = frame.merge(d, on="patient_id", how="left")
+    return frame
+
+
+def _km(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.survival import km_grid
+
+    groups = _risk_groups(ctx)
+    io.write_csv(staging / "tables" / "risk_groups.csv", groups)
+    clinical = read_clinical(ctx.clinical)
+    methods = [(name, col) for name, col in (("mRECIST", "mrecist"), ("radiomics model", "radiomics_class"),
+                                               ("ProgSwin-UNETR", "dl_class")) if col in groups]
+    km_grid(clinical.merge(groups, on="patient_id", how="left"), methods=methods, by="treatment", out=staging)
+    bar.update(1)
+    logrank = pd.read_csv(staging / "tables" / "logrank.csv")
+    return {f"p {r.method} / {r.subgroup}": (None if pd.isna(r.p_value) else round(float(r.p_value), 4))
+            for r in logrank.itertuples()}
+
+
+def _cox_table(ctx: StudyContext) -> pd.DataFrame:
+    clinical = read_clinical(ctx.clinical)
+    table = clinical.merge(_risk_groups(ctx), on="patient_id", how="left")
+    return table
+
+
+def _cox(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.survival import fit_cox, write_cox_outputs
+
+    table = _cox_table(ctx)
+    io.write_csv(staging / "tables" / "cox_input.csv", table)
+    covariates, categorical = _cox_covariates(table)
+    result = fit_cox(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                     penalizer=ctx.settings["cox_penalizer"])
+    write_cox_outputs(result, staging)
+    bar.update(1)
+    summary = json.loads((staging / "summary.json").read_text())
+    return {"concordance": summary.get("concordance"), "cv_concordance": summary.get("cv_concordance")}
+
+
+def _cox_covariates(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The paper's multivariable model: DL class, age, sex, sorafenib, mRECIST, radiomic score."""
+    covariates = [c for c in ("dl_class", "age", "sex", "sorafenib", "mrecist", "radiomic_score")
+                  if c in table and table[c].notna().any()]
+    categorical = [c for c in ("dl_class", "sex", "mrecist") if c in covariates]
+    return covariates, categorical
+
+
+def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.nomogram import nomogram
+
+    table = _cox_table(ctx)
+    covariates, categorical = _cox_covariates(table)
+    nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+             penalizer=ctx.settings["cox_penalizer"], out=staging)
+    bar.update(1)
+    summary = json.loads((staging / "summary.json").read_text())
+    return {"n_high_risk": summary.get("n_high_risk")}
+
+
+def _table1(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.table1 import table1, write_table1
+
+    clinical = read_clinical(ctx.clinical)
+    # the cohort's own mRECIST column when it has one (a site's radiologists), else the automatic one
+    given = "mrecist" in clinical and clinical["mrecist"].notna().any()
+    mrecist = None if given else pd.read_csv(ctx.path("mrecist", "mrecist.csv"))
+    frame = table1(clinical, group="treatment", mrecist=mrecist)
+    write_table1(frame, staging / "table1.csv")
+    bar.update(1)
+    return {"rows": int(len(frame))}
+
+
+def _report(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.report import build_report
+
+    build_report(ctx.out, staging / "report.html")
+    bar.update(1)
+    return {}
+
+
+def build_stages(ctx: StudyContext) -> list[Stage]:
+    c = ctx
+    S = lambda **kw: kw  # noqa: E731 - settings literal
+    stages = [
+        Stage("validate", "validation", _validate, inputs=lambda c: [c.cohort],
+              description="schema + image checks"),
+        Stage("datalists", "datalists", _datalists, inputs=lambda c: [c.clinical, c.path("validation")],
+              settings=lambda c: S(folds=c.settings["folds"], seed=c.settings["seed"])),
+        Stage("segmentation", "segmentation", _segmentation,
+              inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels", *bundle_code(c.seg_bundle),
+                                *( [c.seg_weights] if c.seg_weights else [])],
+              settings=lambda c: S(**{k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed")})),
+        Stage("segmentation_inference", "segmentation_inference", _segmentation_inference,
+              inputs=lambda c: [c.path("segmentation", "models"), c.path("datalists", "segmentation.json"),
+                                c.cohort / "images", *bundle_code(c.seg_bundle)],
+              settings=lambda c: S(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"])),
+        Stage("masks", "masks", _masks,
+              inputs=lambda c: [c.path("segmentation_inference"), c.cohort / "labels", c.clinical],
+              settings=lambda c: S(masks_source=c.masks_source)),
+        Stage("prognosis", "prognosis", _prognosis,
+              inputs=lambda c: [c.path("datalists", "prognosis.json"), c.path("masks"), c.cohort / "images",
+                                *bundle_code(c.prog_bundle)],
+              settings=lambda c: S(**{k: c.settings[k] for k in ("feature_size", "net_size", "prog_epochs", "folds",
+                                                                  "seed")})),
+        Stage("gradcam", "gradcam", _gradcam,
+              inputs=lambda c: [c.path("prognosis"), c.path("masks"), *bundle_code(c.prog_bundle)]),
+        Stage("radiomics", "radiomics", _radiomics, inputs=lambda c: [c.cohort / "images", c.path("masks")],
+              settings=lambda c: S(timepoint="t1", roi="tumour")),
+        Stage("classify", "classify", _classify,
+              inputs=lambda c: [c.path("radiomics"), c.clinical, c.path("prognosis", "oof_predictions.csv")],
+              settings=lambda c: S(seed=c.settings["seed"], bootstrap=c.settings["bootstrap"])),
+        Stage("mrecist", "mrecist", _mrecist, inputs=lambda c: [c.cohort / "images", c.path("masks")]),
+        Stage("km", "km", _km,
+              inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
+                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")]),
+        Stage("cox", "cox", _cox,
+              inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
+                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
+              settings=lambda c: S(penalizer=c.settings["cox_penalizer"])),
+        Stage("nomogram", "nomogram", _nomogram,
+              inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
+                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
+              settings=lambda c: S(penalizer=c.settings["cox_penalizer"])),
+        Stage("table1", "table1", _table1, inputs=lambda c: [c.clinical, c.path("mrecist")]),
+        Stage("report", "report.html", _report, is_file=True,
+              inputs=lambda c: [c.path(d) for d in ("validation", "segmentation", "prognosis", "gradcam", "classify",
+                                                    "mrecist", "km", "cox", "nomogram", "table1")]),
+    ]
+    assert tuple(s.name for s in stages) == STAGE_NAMES
+    return stages
+
+
+# ------------------------------------------------------------------------------------- entry
+def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = "study_output",
+              profile: str = "demo", seg_weights: str | os.PathLike | None = None,
+              force: list[str] | None = None, masks_source: str = "auto", bundles: str | None = None,
+              progress: bool = True, **overrides) -> tuple[list[StageResult], dict]:
+    """Run (or resume) the study; returns the stage results and the run's summary dict."""
+    if profile not in PROFILES:
+        raise ValueError(f"--profile {profile!r} is unknown; choose one of {', '.join(PROFILES)}")
+    if masks_source not in ("auto", "segmentation"):
+        raise ValueError(f"--masks-source {masks_source!r}: expected 'auto' (manual labels where present) "
+                         "or 'segmentation' (automatic masks everywhere)")
+    settings = dict(PROFILES[profile])
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(settings))}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if cohort is None:
+        cohort_path = out / "cohort"
+        marker = cohort_path / "cohort.json"
+        wanted = {"patients": settings["patients"], "shape": settings["shape"], "seed": settings["seed"]}
+        current = json.loads(marker.read_text()) if marker.exists() else {}
+        if not marker.exists() or any(current.get(k if k != "patients" else "n_patients") != v
+                                      for k, v in wanted.items()):
+            from analysis.synthetic import make_cohort
+
+            log.info("no --cohort given: synthesising the embedded default (%s)", wanted)
+            tmp = out / ".partial" / "cohort"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_cohort(tmp, n_patients=settings["patients"], shape=settings["shape"], seed=settings["seed"],
+                        progress=progress)
+            shutil.rmtree(cohort_path, ignore_errors=True)
+            os.replace(tmp, cohort_path)
+    else:
+        cohort_path = Path(cohort).resolve()
+    ctx = StudyContext(out=out, cohort=cohort_path, settings=settings, bundles=find_bundles(bundles),
+                       seg_weights=Path(seg_weights).resolve() if seg_weights else None, masks_source=masks_source,
+                       synthetic=is_synthetic(cohort_path))
+    if ctx.seg_weights and not ctx.seg_weights.exists():
+        raise FileNotFoundError(f"--seg-weights {ctx.seg_weights}: no such file")
+    pipeline = Pipeline(out, build_stages(ctx), ctx, force=set(force or ()), progress=progress)
+    results = pipeline.run(set_meta={"profile": profile, "settings": settings, "synthetic": ctx.synthetic,
+                                     "cohort": str(cohort_path)})
+    peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    summary = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_mb": round(peak_mb),
+               "synthetic": ctx.synthetic, "profile": profile}
+    return results, summary
+
+
+def format_summary(results: list[StageResult], summary: dict) -> str:
+    width = max(len(r.name) for r in results)
+    lines = ["", "stage".ljust(width) + "  status    seconds  headline"]
+    for r in results:
+        head = ", ".join(f"{k}={_fmt(v)}" for k, v in list(r.headline.items())[:4])
+        if r.status == "failed":
+            head = r.message.splitlines()[0][:100]
+        lines.append(f"{r.name.ljust(width)}  {r.status:<8} {r.seconds:8.1f}  {head}")
+    lines.append(f"total {summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']} MB, profile "
+                 f"{summary['profile']}{' (SYNTHETIC cohort)' if summary['synthetic'] else ''}")
+    by_name = {r.name: r.headline for r in results}
+    ours = {
+        "segmentation Dice (Eq. 2)": next((v for k, v in by_name.get("segmentation", {}).items()
+                                           if "combined" in k or "eq2" in k.lower()), None),
+        "ProgSwin-UNETR macro AUC": by_name.get("prognosis", {}).get("macro_auc"),
+        "ProgSwin-UNETR accuracy": by_name.get("prognosis", {}).get("accuracy"),
+        "best radiomics macro AUC (naive Bayes)": by_name.get("classify", {}).get("best_macro_auc"),
+        "KM log-rank p, ProgSwin, all": by_name.get("km", {}).get("p ProgSwin-UNETR / all"),
+        "KM log-rank p, mRECIST, all": by_name.get("km", {}).get("p mRECIST / all"),
+        "Cox C-index": by_name.get("cox", {}).get("concordance"),
+    }
+    lines += ["", "headline".ljust(42) + "paper      this run" + (" (synthetic)" if summary["synthetic"] else "")]
+    for k, v in PAPER.items():
+        lines.append(f"{k.ljust(42)}{str(v).ljust(11)}{_fmt(ours.get(k))}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def study_cli(cohort: str | None = None, out: str = "study_output", profile: str = "demo",
+              seg_weights: str | None = None, force: str | list | tuple | None = None, masks_source: str = "auto",
+              bundles: str | None = None, quiet: bool = False, **overrides) -> None:
+    """python -m analysis study [--cohort DIR] [--out DIR] [--profile demo|paper] [--seg-weights FILE]
+    [--force STAGE[,STAGE]] [--masks-source auto|segmentation] [--patients N --shape S --prog-epochs E ...]
+
+    With no --cohort the embedded synthetic cohort of the profile is generated. Reruns skip every
+    stage whose inputs (content hashes) and settings did not change.
+    """
+    if isinstance(force, str):
+        force = [f.strip() for f in force.split(",") if f.strip()]
+    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+    try:
+        results, summary = run_study(cohort=cohort, out=out, profile=profile, seg_weights=seg_weights,
+                                     force=list(force or []), masks_source=masks_source, bundles=bundles,
+                                     progress=not quiet, **overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    print(format_summary(results, summary))
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        first = failed[0]
+        print(f"\nstage {first.name} failed:\n{first.message}", file=sys.stderr)
+        raise SystemExit(2 if first.name == "validate" else 1)
+    print(f"\nreport: {Path(out).resolve() / 'report.html'}")
