@@ -50,6 +50,7 @@ measured in floating point counts. Best response: the best of t1, t2 (CR > PR > 
 and including the first PD, without confirmation scans (the study has two follow-ups).
 A patient without a measurable enhancing target at baseline gets ``NA`` with the reason.
 Not assessed: non-target lesion progression and extrahepatic disease (masks carry no such labels).
+User documentation: docs/mrecist.md.
 """
 
 from __future__ import annotations
