@@ -489,16 +489,20 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
     Writes OUT (mrecist.csv) and, with --figure, figures/waterfall.png (+ tables/waterfall.csv)
     beside it. --min-target-mm (default 10, the standard) exists only for scaled synthetic anatomy.
     """
-    if diameters is not None:
-        path = Path(diameters)
-        if not path.exists():
-            raise SystemExit(f"diameters file {path} not found")
-        table = classify_diameters(pd.read_csv(path, dtype={"patient_id": str}))
-    elif cohort is not None:
-        table = mrecist_from_masks(cohort, masks, k=k, shell_mm=shell_mm, match_mm=match_mm,
-                                   min_viable_mm3=min_viable_mm3, min_target_mm=min_target_mm)
-    else:
-        raise SystemExit("give --cohort DIR [--masks DIR] or --diameters FILE")
+    try:
+        if diameters is not None:
+            path = Path(diameters)
+            if not path.exists():
+                raise FileNotFoundError(f"diameters file {path} not found")
+            table = classify_diameters(pd.read_csv(path, dtype={"patient_id": str}))
+        elif cohort is not None:
+            table = mrecist_from_masks(cohort, masks, k=k, shell_mm=shell_mm, match_mm=match_mm,
+                                       min_viable_mm3=min_viable_mm3, min_target_mm=min_target_mm)
+        else:
+            raise ValueError("give --cohort DIR [--masks DIR] or --diameters FILE")
+    except (FileNotFoundError, ValueError) as exc:
+        # a clear one-line message and nothing written, instead of a traceback
+        raise SystemExit(f"mrecist: {exc}") from exc
     write_csv(out, table)
     if figure and len(table):
         fig, data = waterfall_figure(table)

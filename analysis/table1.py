@@ -203,7 +203,10 @@ def table1_cli(clinical: str, group: str = "treatment", out: str = "table1.csv",
             raise SystemExit(f"mRECIST table {mrecist} not found")
         # keep_default_na=False: the response "NA" is a category here, not a missing value
         resp = pd.read_csv(mrecist, dtype=str, keep_default_na=False)
-    table = table1(read_clinical(path), group=group, mrecist=resp, mrecist_column=mrecist_column)
+    try:
+        table = table1(read_clinical(path), group=group, mrecist=resp, mrecist_column=mrecist_column)
+    except ValueError as exc:
+        raise SystemExit(f"table1: {exc}") from exc
     write_table1(table, out)
     summary = table.attrs["summary"]
     return f"{out}: {len(table)} rows, {summary['n']} patients in groups {summary['groups']}"

@@ -246,3 +246,14 @@ def test_min_target_mm_is_the_only_size_threshold(cohort):
     row = classify_diameters(pd.DataFrame([measure_patient(cohort, cohort / "labels", "NONMEAS", min_target_mm=8)]))
     assert row.loc[0, "n_targets"] == 1 and row.loc[0, "sum_mm_t0"] == pytest.approx(8)
     assert row.loc[0, "best_response"] == "SD"
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "m.csv"
+    with pytest.raises(SystemExit, match=r"mrecist: masks folder .*labels not found"):
+        mrecist_cli(cohort=str(tmp_path), out=str(out))
+    with pytest.raises(SystemExit, match=r"mrecist: diameters file .*none.csv not found"):
+        mrecist_cli(diameters=str(tmp_path / "none.csv"), out=str(out))
+    with pytest.raises(SystemExit, match=r"give --cohort DIR \[--masks DIR\] or --diameters FILE"):
+        mrecist_cli(out=str(out))
+    assert not out.exists()

@@ -133,3 +133,11 @@ def test_cli_with_mrecist_join_and_errors(tmp_path):
         table1(pd.DataFrame(rows), group="arm")
     with pytest.raises(ValueError, match=r"mRECIST table lacks column 'best_response'"):
         table1(pd.DataFrame(rows), mrecist=pd.DataFrame({"patient_id": ["P1"], "response": ["CR"]}))
+
+
+def test_cli_bad_group_is_one_line(tmp_path):
+    pd.DataFrame({"patient_id": ["P1"], "age": [60], "os_months": [10], "death": [1],
+                  "imaging_high_risk": [0]}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(SystemExit, match=r"table1: group column 'treatment' not in the clinical table"):
+        table1_cli(str(tmp_path / "c.csv"), out=str(tmp_path / "t.csv"))
+    assert not (tmp_path / "t.csv").exists()
