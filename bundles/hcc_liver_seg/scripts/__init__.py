@@ -1,0 +1,4 @@
+"""Bundle-local code for hcc_liver_seg: only what the JSON configs cannot say.
+
+Self-contained on purpose (MONAI, torch, numpy, nibabel only): the bundle is shared zipped alone.
+"""
