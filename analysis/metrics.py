@@ -231,9 +231,13 @@ def paired_bootstrap_test(y_true, prob_a, prob_b, n_boot: int = DEFAULT_N_BOOT, 
     return pd.DataFrame(rows)
 
 
-def metrics_table(y_true, y_prob, n_boot: int = DEFAULT_N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """Long table: one row per class plus ``macro``, with AUC, CI, sensitivity, specificity."""
-    res = evaluate(y_true, y_prob, n_boot=n_boot, seed=seed)
+def metrics_table(y_true, y_prob, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                  result: dict | None = None) -> pd.DataFrame:
+    """Long table: one row per class plus ``macro``, with AUC, CI, sensitivity, specificity.
+
+    ``result``: an :func:`evaluate` output for the same data, to avoid bootstrapping twice.
+    """
+    res = result if result is not None else evaluate(y_true, y_prob, n_boot=n_boot, seed=seed)
     ss = sensitivity_specificity(y_true, predicted_class(y_prob), np.asarray(y_prob).shape[1])
     rows = []
     for k in range(np.asarray(y_prob).shape[1]):
