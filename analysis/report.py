@@ -285,7 +285,11 @@ def _render_part(study: Path, name: str, title: str, problems: list[str]) -> str
     if name == "table1" and (folder / "table1.csv").exists():
         frame = _read_csv(folder / "table1.csv", problems)
         if frame is not None:
-            out.append(_html_table(frame, ("p_value",)))
+            # the CSV repeats the characteristic on every level row (machine-readable); the page shows it once
+            shown_frame = frame.copy()
+            repeat = shown_frame["characteristic"].eq(shown_frame["characteristic"].shift())
+            shown_frame.loc[repeat, "characteristic"] = ""
+            out.append(_html_table(shown_frame, ("p_value",)))
             out.append('<p class="note">n (%) for categories (N/A in the denominator), mean (SD) for continuous '
                        "rows; Pearson chi-square (scipy defaults: Yates correction for 2 x 2), Student t-test; "
                        "N/A rows shown but left out of the tests.</p>")

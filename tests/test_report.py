@@ -46,9 +46,9 @@ def study(tmp_path):
     write_json(s / "cox" / "summary.json", {"concordance": 0.777, "cv_concordance": 0.7, "n": 12, "events": 8,
                                              "converged": True, "ph_violations": []})
     write_csv(s / "table1" / "table1.csv", pd.DataFrame(
-        {"characteristic": ["patients, n", "Sex, n (%)", "Sex, n (%)"], "level": ["", "Female", "Male"],
-         "overall": ["6", "2 (33.3)", "4 (66.7)"], "TACE": ["3", "1 (33.3)", "2 (66.7)"],
-         "TACE+MWA": ["3", "1 (33.3)", "2 (66.7)"], "p_value": [None, 0.999, None]}))
+        {"characteristic": ["patients, n"] + ["Sex, n (%)"] * 3, "level": ["", "", "Female", "Male"],
+         "overall": ["6", "", "2 (33.3)", "4 (66.7)"], "TACE": ["3", "", "1 (33.3)", "2 (66.7)"],
+         "TACE+MWA": ["3", "", "1 (33.3)", "2 (66.7)"], "p_value": [None, 0.999, None, None]}))
     (s / "classify").mkdir()
     (s / "classify" / "summary.json").write_text("{not json")  # damaged: reported, not fatal
     return s
@@ -73,7 +73,8 @@ def test_report_parts_images_and_label(study):
                         (study / "km" / "figures" / "km_grid.png").read_bytes()}
 
     assert 'class="synthetic">SYNTHETIC COHORT' in page and "<title>HCC after TACE: study report (SYNTHETIC)" in page
-    assert "<td>Female</td><td>2 (33.3)</td>" in page and "<td>0.999</td>" in page  # Table 1 rendered
+    assert "<td>Sex, n (%)</td><td></td><td></td><td></td><td></td><td>0.999</td>" in page
+    assert "<tr><td></td><td>Female</td><td>2 (33.3)</td>" in page and "<td>0.999</td>" in page  # Table 1 rendered
     assert "summary.json: unreadable JSON" in page
     assert "<td>prognosis</td><td>failed</td><td></td><td>out of memory</td>" in page
     assert not [p for p in out.parent.iterdir() if p.name != "report.html"]  # atomic: no temp file left
