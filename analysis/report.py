@@ -79,14 +79,18 @@ pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em} details{margin
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_json(path: Path, problems: list[str]) -> dict | None:
+def _read_json(path: Path, problems: list[str], expect_object: bool = True):
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         problems.append(f"{path.name}: unreadable JSON ({exc})")
         return None
+    if expect_object and not isinstance(data, dict):
+        problems.append(f"{path.name}: expected a JSON object, found {type(data).__name__}")
+        return None
+    return data
 
 
 def _read_csv(path: Path, problems: list[str], nrows: int | None = None) -> pd.DataFrame | None:
@@ -307,7 +311,7 @@ def _render_part(study: Path, name: str, title: str, problems: list[str]) -> str
         out.append("<details><summary>data behind the figures</summary>"
                    + "".join(_csv_block(p, str(p.relative_to(study)), problems) for p in behind) + "</details>")
     for p in jsons:
-        data = _read_json(p, problems)
+        data = _read_json(p, problems, expect_object=False)
         if data is not None:
             out.append(f"<details><summary>{_esc(p.relative_to(study))}</summary>"
                        f"<pre>{_esc(json.dumps(data, indent=2)[:20000])}</pre></details>")

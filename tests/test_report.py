@@ -102,8 +102,9 @@ def test_headline_numbers_beside_paper(study):
 
 def test_synthetic_label_sources(tmp_path):
     plain = tmp_path / "plain"
-    write_json(plain / "manifest.json", {"stages": {}})
+    write_json(plain / "manifest.json", ["not", "an", "object"])
     page = build_report(plain).read_text()
+    assert "manifest.json: expected a JSON object, found list" in page
     assert "SYNTHETIC" not in page
     assert all(f"{t} ({n}/)" in page.replace("&amp;", "&") for n, t in PARTS)  # everything missing, listed
     write_json(plain / "cohort" / "cohort.json", {"synthetic": True})
