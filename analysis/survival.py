@@ -218,11 +218,12 @@ def logrank(df: pd.DataFrame, duration: str, event: str, group: str) -> dict:
 
 
 def kaplan_meier(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, group: str = "pred_class",
-                 levels: Sequence | None = None) -> KMResult:
+                 levels: Sequence | None = None, label: str | None = None, log_level: int = logging.WARNING) -> KMResult:
     """Kaplan-Meier per level of ``group`` plus the log-rank test, for one panel.
 
     Patients without a group value are left out and their ids returned in ``unassigned`` (and
-    logged). Levels with no patient are listed in ``empty_groups`` and in ``medians`` with n = 0.
+    logged at ``log_level`` under ``label``). Levels with no patient are listed in ``empty_groups``
+    and in ``medians`` with n = 0.
     """
     from lifelines import KaplanMeierFitter
     from lifelines.utils import median_survival_times
@@ -235,12 +236,13 @@ def kaplan_meier(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT,
     levels = _group_levels(data[group], group, levels)
     no_group = data[group].isna()
     unassigned = _ids(data, data.index[no_group])
+    label = label or group
     if unassigned:
-        log.warning("%s: %d patient(s) without a group value left out: %s", group, len(unassigned),
-                    ", ".join(unassigned[:20]))
+        log.log(log_level, "%s: %d patient(s) without a group value left out: %s", label, len(unassigned),
+                ", ".join(unassigned[:20]))
     no_time = data[duration].isna() | data[event].isna()
     if no_time.any():
-        log.warning("%d patient(s) without %s/%s left out: %s", int(no_time.sum()), duration, event,
+        log.log(log_level, "%d patient(s) without %s/%s left out: %s", int(no_time.sum()), duration, event,
                     ", ".join(_ids(data, data.index[no_time])[:20]))
     data = data[~no_group & ~no_time]
 
@@ -271,7 +273,7 @@ def kaplan_meier(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT,
                                     "ci_upper_95": cis.iloc[:, 1].to_numpy(float),
                                     "at_risk": kmf.event_table["at_risk"].reindex(sf.index).to_numpy()}))
     if empty:
-        log.info("%s: group(s) with no patient listed, not plotted: %s", group, ", ".join(map(str, empty)))
+        log.info("%s: group(s) with no patient listed, not plotted: %s", label, ", ".join(map(str, empty)))
     curve_cols = ["group", "time", "survival", "ci_lower_95", "ci_upper_95", "at_risk"]
     return KMResult(fitters=fitters, medians=pd.DataFrame(rows), empty_groups=empty,
                     logrank=logrank(data, duration, event, group),
@@ -362,7 +364,9 @@ def km_grid(df: pd.DataFrame, methods: Sequence[tuple[str, str]], by: str | None
     for i, (name, column) in enumerate(methods):
         lv = (levels or {}).get(name) or _group_levels(_normalise_groups(df[column]), column, None)
         for j, (sub_name, sub) in enumerate(panels):
-            res = kaplan_meier(sub, duration, event, column, levels=lv)
+            # the whole-cohort panel logs who has no group; subgroup panels would repeat it
+            res = kaplan_meier(sub, duration, event, column, levels=lv, label=f"{name} ({sub_name})",
+                               log_level=logging.WARNING if sub_name == ALL else logging.DEBUG)
             results[(name, sub_name)] = res
             if sub_name == ALL:
                 unassigned += [{"method": name, "patient_id": pid, "reason": f"no value in {column}"}
@@ -575,6 +579,9 @@ def build_design(df: pd.DataFrame, duration: str, event: str, covariates: Sequen
             continue
         labels = data[c].map(_level_label)
         levels = sorted(labels.unique(), key=lambda v: (float(v) if _is_number(v) else math.inf, v))
+        known = [str(k) for k in KNOWN_LEVELS.get(c, [])]
+        if known and set(levels) <= set(known):
+            levels = [k for k in known if k in levels]   # CR, PR, SD, PD: CR is the reference
         ref = reference.get(c, levels[0])
         if ref not in levels:
             raise SurvivalInputError(f"--reference {c}={ref}: level not found; {c} has levels {levels}")
@@ -661,13 +668,15 @@ def _fit_checked(design: pd.DataFrame, duration: str, event: str, penalizer: flo
                   if not np.isfinite(params[c]) or abs(params[c]) > SEPARATION_COEF or not np.isfinite(se[c])]
     failed = any("converge" in m or "separation" in m or "suspiciously" in m for m in conv)
     if suspicious or failed:
-        named = suspicious or [c for c in params.index if any(f"'{c}'" in m or f" {c} " in m for m in conv)] \
-            or list(params.index)
+        # lifelines' own warnings name columns too ("Column x have very low variance ...")
+        flagged = [c for c in params.index if any(f"Column {c} " in m or f"'{c}'" in m for m in conv)]
+        named = list(dict.fromkeys(suspicious + flagged)) or list(params.index)
+        said = list(dict.fromkeys(m.strip().split(". ")[0] for m in conv))[:3]
         raise CoxConvergenceError(
             f"Cox fit did not converge: column(s) {named} look separated (log(HR) "
-            f"{', '.join(f'{c}={params[c]:.3g}' for c in named)} running off to infinity: one level or range "
-            f"has all or none of the deaths). Coefficients not reported; {remedy}."
-            + (f" lifelines said: {conv[0].splitlines()[0][:200]}" if conv else ""))
+            f"{', '.join(f'{c}={params[c]:.3g}' for c in named)}: a level or range with all or none of the "
+            f"deaths sends its log(HR) to infinity). Coefficients not reported; {remedy}."
+            + (f" lifelines said: {'; '.join(said)}" if said else ""))
     return cph
 
 
@@ -808,7 +817,7 @@ def plot_forest(result: CoxResult):
     ax.axvline(0, color="0.3", linestyle="--", lw=1)
     labels = [r["covariate"] if not r["level"] else f"{r['variable']} = {r['level']}" for _, r in f.iterrows()]
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("log(HR) with 95% CI", fontsize=8)
+    ax.set_xlabel("log(HR) with 95% CI (red: p < 0.05)", fontsize=8)
     cv = f"{result.cv_concordance:.2f}" if result.cv_concordance is not None else "n/a"
     ax.set_title(f"Cox model: n={len(result.design)}, events={int(result.design[result.event].sum())}, "
                  f"C-index {result.concordance:.2f} (cross-validated {cv})", fontsize=9)
