@@ -73,15 +73,15 @@ log = logging.getLogger(__name__)
 __all__ = [
     "RESPONSES",
     "Lesion",
-    "load_canonical",
-    "longest_axial_diameter_mm",
-    "find_lesions",
-    "measure_patient",
+    "best_response",
     "classify_diameters",
     "classify_response",
-    "best_response",
-    "mrecist_from_masks",
+    "find_lesions",
+    "load_canonical",
+    "longest_axial_diameter_mm",
+    "measure_patient",
     "mrecist_cli",
+    "mrecist_from_masks",
 ]
 
 #: response categories, best first
@@ -202,7 +202,7 @@ def find_lesions(mask: np.ndarray, affine: np.ndarray, image: np.ndarray | None 
 
     Without ``image`` the viable part cannot be judged and is reported as 0 mm.
     """
-    labelled, n = ndimage.label(mask == LABELS["tumour"], structure=_STRUCTURE_26)
+    labelled, _ = ndimage.label(mask == LABELS["tumour"], structure=_STRUCTURE_26)
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     margin = np.ceil(shell_mm / spacing).astype(int) + 1
     liver_cache: list[np.ndarray] = []

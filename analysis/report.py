@@ -26,7 +26,7 @@ from analysis.io import write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PARTS", "PAPER", "build_report", "headline_table", "report_cli", "study_is_synthetic"]
+__all__ = ["PAPER", "PARTS", "build_report", "headline_table", "report_cli", "study_is_synthetic"]
 
 #: (folder, title) of every part a study may produce, in reading order
 PARTS: tuple[tuple[str, str], ...] = (
@@ -195,7 +195,7 @@ def headline_table(study: str | Path) -> tuple[pd.DataFrame, list[str]]:
         for sub in ("all", "TACE", "TACE+MWA"):
             value, src = "-", "km/tables/logrank.csv"
             if logrank is not None and {"method", "subgroup", "p_value"} <= set(logrank.columns):
-                hit = logrank[logrank["method"].astype(str).str.lower().map(lambda m: any(a in m for a in aliases))
+                hit = logrank[logrank["method"].astype(str).str.lower().map(lambda m, al=aliases: any(a in m for a in al))
                               & (logrank["subgroup"].astype(str).str.lower() == sub.lower())]
                 if len(hit):
                     r = hit.iloc[0]

@@ -30,7 +30,7 @@ from analysis.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ROWS", "table1", "write_table1", "table1_cli"]
+__all__ = ["ROWS", "table1", "table1_cli", "write_table1"]
 
 NA_LABEL = "N/A"
 #: (column, characteristic, kind, {value: level label}) in the paper's order; kind "cat"/"num"
@@ -175,7 +175,7 @@ def table1(clinical: pd.DataFrame, group: str = "treatment", mrecist: pd.DataFra
         log.info("table1: rows without data skipped: %s", skipped)
     table = pd.DataFrame(rows, columns=["characteristic", "level", "overall", *groups, "p_value"])
     summary = {"group": group, "groups": {g: int((frame[group] == g).sum()) for g in groups},
-               "n": int(len(frame)), "tests": tests, "rows_without_data": skipped,
+               "n": len(frame), "tests": tests, "rows_without_data": skipped,
                "excluded_patients": excluded, "notes": notes}
     table.attrs["summary"] = summary
     return table

@@ -9,12 +9,12 @@ import re
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
 
-from analysis.io import save_figure, write_csv, write_json  # noqa: E402
-from analysis.report import PARTS, build_report, headline_table, report_cli  # noqa: E402
+from analysis.io import save_figure, write_csv, write_json
+from analysis.report import PARTS, build_report, headline_table, report_cli
 
 
 def _figure(path, data):
@@ -96,8 +96,8 @@ def test_headline_numbers_beside_paper(study):
     assert [got[f"Cox log(HR), class {k}"] for k in range(4)] == ["0.9", "0.4", "-0.5", "-0.8"]
     assert got["Cox C-index"] == "0.777 (cross-validated 0.7)"
     assert got["segmentation Dice"] == "-" and got["best radiomics macro AUC"] == "-"
-    assert problems == ["summary.json: unreadable JSON (Expecting property name enclosed in double quotes: "
-                        "line 1 column 2 (char 1))"]
+    assert problems == [("summary.json: unreadable JSON (Expecting property name enclosed in double quotes: "
+                         "line 1 column 2 (char 1))")]
 
 
 def test_synthetic_label_sources(tmp_path):

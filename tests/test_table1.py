@@ -15,23 +15,23 @@ from analysis.table1 import table1, table1_cli
 
 def _hand_table() -> pd.DataFrame:
     """20 patients: 12 TACE, 8 TACE+MWA, one extra without treatment."""
-    tace = dict(
-        sex=["F"] * 2 + ["M"] * 10,
-        bclc=["A"] * 2 + ["B"] * 6 + ["C"] * 4,
-        child_pugh=["A"] * 6 + ["B"] * 4 + ["NA"] * 2,
-        age=[50, 52, 54, 56, 58, 60, 62, 64, 66, 68, 70, 72],
-        sorafenib=[1] * 3 + [0] * 9,
-    )
-    mwa = dict(
-        sex=["F"] * 4 + ["M"] * 4,
-        bclc=["A"] * 4 + ["B"] * 3 + ["C"] * 1,
-        child_pugh=["A"] * 2 + ["B"] * 4 + ["NA"] * 2,
-        age=[60, 62, 64, 66, 68, 70, 72, 80],
-        sorafenib=[0] * 8,
-    )
+    tace = {
+        "sex": ["F"] * 2 + ["M"] * 10,
+        "bclc": ["A"] * 2 + ["B"] * 6 + ["C"] * 4,
+        "child_pugh": ["A"] * 6 + ["B"] * 4 + ["NA"] * 2,
+        "age": [50, 52, 54, 56, 58, 60, 62, 64, 66, 68, 70, 72],
+        "sorafenib": [1] * 3 + [0] * 9,
+    }
+    mwa = {
+        "sex": ["F"] * 4 + ["M"] * 4,
+        "bclc": ["A"] * 4 + ["B"] * 3 + ["C"] * 1,
+        "child_pugh": ["A"] * 2 + ["B"] * 4 + ["NA"] * 2,
+        "age": [60, 62, 64, 66, 68, 70, 72, 80],
+        "sorafenib": [0] * 8,
+    }
     frame = pd.concat([pd.DataFrame(tace).assign(treatment="TACE"), pd.DataFrame(mwa).assign(treatment="TACE+MWA")])
-    frame = pd.concat([frame, pd.DataFrame([dict(sex="M", bclc="A", child_pugh="A", age=99, sorafenib=0,
-                                                 treatment="")])])
+    extra = {"sex": "M", "bclc": "A", "child_pugh": "A", "age": 99, "sorafenib": 0, "treatment": ""}
+    frame = pd.concat([frame, pd.DataFrame([extra])])
     frame.insert(0, "patient_id", [f"P{i:02d}" for i in range(len(frame))])
     return frame.reset_index(drop=True)
 
@@ -88,7 +88,7 @@ def test_hand_made_counts_and_p_values():
 def test_paper_counts_reproduce_published_p_values():
     """Table 1 of the paper: sex p = 0.081 (Yates), BCLC 0.012, tumour size 0.001."""
     def col(groups):
-        return sum(([v] * n for v, n in groups), [])
+        return [v for v, n in groups for _ in range(n)]
     tace = pd.DataFrame({"sex": col([("F", 23), ("M", 87)]), "bclc": col([("A", 23), ("B", 63), ("C", 24)]),
                          "tumour_size": col([("<3cm", 51), ("3-5cm", 40), (">5cm", 19)])}).assign(treatment="TACE")
     mwa = pd.DataFrame({"sex": col([("F", 7), ("M", 64)]), "bclc": col([("A", 29), ("B", 33), ("C", 9)]),
@@ -107,10 +107,10 @@ def test_paper_counts_reproduce_published_p_values():
 def test_cli_with_mrecist_join_and_errors(tmp_path):
     rows = []
     for i in range(8):
-        rows.append(dict(patient_id=f"P{i}", age=60 + i, sex="MF"[i % 2], treatment=["TACE", "TACE+MWA"][i % 2],
-                         sorafenib=i % 2, os_months=20 + i, death=1, bclc="ABC"[i % 3], child_pugh="A",
-                         afp_ge_400=0, tumour_size="<3cm", nodules_gt3=0, tace_cycles=1 + i % 3,
-                         imaging_high_risk=i % 2))
+        rows.append({"patient_id": f"P{i}", "age": 60 + i, "sex": "MF"[i % 2],
+                     "treatment": ["TACE", "TACE+MWA"][i % 2], "sorafenib": i % 2, "os_months": 20 + i,
+                     "death": 1, "bclc": "ABC"[i % 3], "child_pugh": "A", "afp_ge_400": 0, "tumour_size": "<3cm",
+                     "nodules_gt3": 0, "tace_cycles": 1 + i % 3, "imaging_high_risk": i % 2})
     pd.DataFrame(rows).to_csv(tmp_path / "clinical.csv", index=False)
     # P7 (TACE+MWA) has no mRECIST row -> N/A; P6 (TACE) is "NA" (non-measurable) -> N/A
     pd.DataFrame({"patient_id": [f"P{i}" for i in range(7)],
