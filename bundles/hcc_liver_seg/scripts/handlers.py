@@ -77,3 +77,69 @@ class ProgressLogger:
             names.extend(fn if isinstance(fn, (list, tuple)) else [fn])
         logger.info("[%d/%s] %s (%.1f s)", engine.state.iteration, n, ", ".join(map(str, names)),
                     time.perf_counter() - self._t0)
+
+
+def _atomic_csv(path: str, header: list[str], rows: list[list]) -> None:
+    import csv
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+class SegmentationReport:
+    """Write `per_case.csv` (one row per case, every metric) and `metrics_summary.csv` (one row of
+    the aggregated metrics, plus n_cases) into `output_dir` when evaluation completes.
+
+    MetricsSaver writes one file per metric; this is the merged table a person (or the study
+    runner) reads. Metric names lose their `val_` prefix: dice_eq2, dice_liver, hd95_mm_tumour, ...
+    """
+
+    def __init__(self, output_dir: str, image_key: str = "image", id_keys: tuple = ("patient_id", "timepoint")):
+        self.output_dir = output_dir
+        self.image_key = image_key
+        self.id_keys = tuple(id_keys)
+        self.cases: list[list[str]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        for item in batch if isinstance(batch, list) else [batch]:
+            meta = getattr(item.get(self.image_key), "meta", {}) or {}
+            row = [str(meta.get("filename_or_obj", ""))]
+            row += [str(item.get(k, "")) for k in self.id_keys]
+            self.cases.append(row)
+
+    @staticmethod
+    def _name(metric: str) -> str:
+        return metric[4:] if metric.startswith("val_") else metric
+
+    def _write(self, engine: Engine) -> None:
+        import os
+
+        details = getattr(engine.state, "metric_details", {}) or {}
+        names = sorted(details)
+        rows = []
+        for i, case in enumerate(self.cases):
+            values = []
+            for n in names:
+                v = details[n][i] if i < len(details[n]) else float("nan")
+                v = torch.as_tensor(v, dtype=torch.float32)
+                values.append(f"{float(v.nanmean()) if v.numel() else float('nan'):.6g}")
+            rows.append(case + values)
+        header = ["image", *self.id_keys, *[self._name(n) for n in names]]
+        _atomic_csv(os.path.join(self.output_dir, "per_case.csv"), header, rows)
+        metrics = {self._name(k): v for k, v in engine.state.metrics.items()}
+        _atomic_csv(os.path.join(self.output_dir, "metrics_summary.csv"), ["n_cases", *metrics],
+                    [[len(self.cases), *[f"{float(v):.6g}" for v in metrics.values()]]])
+        logger.info("evaluation of %d case(s): %s", len(self.cases),
+                    ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()))
