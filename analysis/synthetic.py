@@ -77,9 +77,11 @@ BCLC = {"TACE": (0.209, 0.573, 0.218), "TACE+MWA": (0.408, 0.465, 0.127)}
 TUMOUR_SIZE = {"TACE": (0.464, 0.364, 0.173), "TACE+MWA": (0.718, 0.239, 0.042)}
 P_CHILD_NA, P_CHILD_B_GIVEN_KNOWN = 0.171, 0.204 / (0.624 + 0.204)
 P_SORAFENIB, P_AFP, P_NODULES_GT3 = 0.221, 0.564, 0.696
-#: 1 + negative binomial: mean 5.1, SD 4.4, skewed
-TACE_EXTRA_MEAN, TACE_SD = 4.1, 4.4
+#: 1 + negative binomial, capped by follow-up time (TACE_INTERVAL_MONTHS): mean 5.1, SD 4.4, skewed
+TACE_EXTRA_MEAN, TACE_SD = 5.2, 5.6
+TACE_INTERVAL_MONTHS = 2.0
 P_HIGH_RISK = 0.5
+MAX_DIAMETER_MM = 95.0
 P_MRECIST_MISSING = 0.06  # "N/A" in Table 1: response not assessed
 # viable fraction after TACE = clip(GAIN * sigmoid(1.8 g + SHIFT[t] + noise) - FLOOR, 0, 1): tuned
 # so that best mRECIST response is near Table 1 (CR 5.5, PR 37, SD 28, PD 23, N/A 6 %)
@@ -190,7 +192,7 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
     # negative binomial with mean TACE_EXTRA_MEAN and variance TACE_SD^2
     p_nb = TACE_EXTRA_MEAN / TACE_SD**2
     r_nb = TACE_EXTRA_MEAN * p_nb / (1 - p_nb)
-    tace_cycles = 1 + int(rng.negative_binomial(r_nb, p_nb))
+    tace_extra = int(rng.negative_binomial(r_nb, p_nb))
 
     # overall survival: Weibull PH, S(t | x) = exp(-(t / scale)^k * exp(lp))
     lp = BETA_Z * z + BETA_SORAFENIB * sorafenib + BETA_AGE_PER_10Y * (age - AGE_MEAN) / 10.0
@@ -199,6 +201,8 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
     t_censor = min(rng.uniform(*ADMIN_CENSOR_MONTHS), rng.exponential(DROPOUT_MEAN_MONTHS))
     death = int(t_event <= t_censor)
     os_months = round(max(min(t_event, t_censor), 0.5), 1)
+    # on-demand TACE needs time: at most one session every TACE_INTERVAL_MONTHS of follow-up
+    tace_cycles = 1 + min(tace_extra, int(os_months // TACE_INTERVAL_MONTHS))
 
     # response latent: the prognosis as seen on images (a little noise so images do not give z)
     g = z + 0.25 * rng.standard_normal()
@@ -309,21 +313,26 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
     plan.peritumoral = bool(rng.random() < (0.7 if high_risk else 0.05))
     # per-step diameter factor: shrink when g < 0, grow when g > 0
     step = lambda: math.exp(0.05 + 0.22 * g + 0.04 * rng.standard_normal())  # noqa: E731
+
+    def grow(d: float, d_first: float) -> float:
+        # treated lesions stay visible as a necrotic / lipiodol-laden remnant (>= 45 % of the first
+        # diameter); growth is capped so the liver is never swallowed
+        return float(np.clip(d * step(), max(0.45 * d_first, 5.0), min(1.6 * d, MAX_DIAMETER_MM)))
     # enhancing (viable) fraction after TACE: small when the prognosis is good, 0 = complete necrosis
     viable_fraction = lambda shift: _viable(1.8 * g + shift + 0.3 * rng.standard_normal())  # noqa: E731
     lesions = []
     for k in range(n_main):
         d0 = d_max if k == 0 else d_max * rng.uniform(0.35, 0.85)
         d0 = max(d0, 8.0)
-        d1 = d0 * step()
-        d2 = d1 * step()
+        d1 = grow(d0, d0)
+        d2 = grow(d1, d0)
         v0 = 1.0 if not high_risk else float(rng.uniform(0.8, 1.0))
         v1, v2 = viable_fraction(VIABLE_SHIFT[0]), viable_fraction(VIABLE_SHIFT[1])
         if treatment == "TACE+MWA" and k == 0:
             # the dominant nodule is ablated after the first TACE: an ablation zone a bit larger
             # than the tumour, non-enhancing unless the prognosis is poor (residual viable rim)
             d1 = d0 * 1.15 * (1 + max(g, 0) * 0.1)
-            d2 = d1 * step()
+            d2 = grow(d1, d0)
             v1, v2 = _viable(2.0 * g - 2.0), _viable(2.2 * g - 1.5)
         lesions.append(_new_lesion(rng, plan, (d0, d1, d2), (v0, v1, v2), "nodule", irregular))
     if high_risk:
@@ -333,8 +342,8 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
             direction /= np.linalg.norm(direction)
             centre = dominant.centre + direction * (dominant.diameter[0] / 2 + rng.uniform(6.0, 14.0))
             ds = rng.uniform(5.0, 9.0)
-            d1s = ds * step()
-            lesions.append(_new_lesion(rng, plan, (ds, d1s, d1s * step()), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
+            d1s = grow(ds, ds)
+            lesions.append(_new_lesion(rng, plan, (ds, d1s, grow(d1s, ds)), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
                                        "satellite", irregular * 0.5, centre=centre))
     # new lesions in poor-prognosis patients (intrahepatic progression)
     n_new_t1 = int(rng.poisson(1.2 * max(g - 0.3, 0.0)))
@@ -342,7 +351,7 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
     for t_first, count in ((1, n_new_t1), (2, n_new_t2)):
         for _ in range(count):
             d = rng.uniform(8.0, 16.0)
-            diam = (0.0, d, d * step()) if t_first == 1 else (0.0, 0.0, d)
+            diam = (0.0, d, grow(d, d)) if t_first == 1 else (0.0, 0.0, d)
             lesions.append(_new_lesion(rng, plan, diam, (0.0, 1.0, 1.0), "new", irregular))
     plan.lesions = lesions
 
@@ -517,6 +526,11 @@ def _render(plan: PatientPlan, t: int, dims, to_real: np.ndarray, gain: float = 
         unit = rel / np.maximum(dist, 1e-6)[..., None]
         bound = radius * (1.0 + les.irregularity * _fourier_field(unit, les.shape_freqs, les.shape_phases) / 2.0)
         inside = (dist <= bound) & sub_inner
+        if not inside.any():
+            # a lesion smaller than a voxel still marks the voxel nearest its centre
+            nearest = np.unravel_index(np.argmin(dist), dist.shape)
+            if sub_inner[nearest]:
+                inside[nearest] = True
         sub_int, sub_lab = intensity[box], label[box]
         if halo > 0:
             ring = (dist > bound) & (dist <= bound + halo) & (sub_lab == 1)
