@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -87,7 +87,7 @@ def build_nomogram(result: CoxResult, times: Sequence[float] = TIMES_MONTHS) -> 
     factor = 100.0 / widest
     rows = []
     params = result.fitter.params_
-    for var, cols in result.variables.items():
+    for var in result.variables:
         lo = float(contrib[var].min())
         info = result.categorical.get(var)
         if info is not None:
@@ -255,7 +255,7 @@ def calibration(result: CoxResult, horizon: float = HORIZON_MONTHS, groups: int 
             warnings.simplefilter("ignore")
             try:
                 fb = CoxPHFitter(penalizer=result.penalizer).fit(boot, dur, ev)
-            except Exception:  # noqa: BLE001 - a resample the model cannot fit is skipped and counted
+            except Exception:  # noqa: BLE001, S112 - a resample the model cannot fit is skipped and counted
                 continue
         if not np.all(np.isfinite(fb.params_)):
             continue
@@ -394,7 +394,7 @@ def nomogram(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, cov
     pts = patient_points(nomo, horizon, cutoff)
     h = _fmt(horizon)
     info = {"variables": chosen, "cutoff": float(cutoff), "n_high_risk": int(pts["high_risk"].sum()),
-            "horizon_months": float(horizon), "times_months": list(nomo.times), "n": int(len(pts)),
+            "horizon_months": float(horizon), "times_months": list(nomo.times), "n": len(pts),
             "selection": "given" if variables else f"joint Wald p < {alpha} in the full model",
             "selection_p": pvals, "concordance": final.concordance}
     cal = None
@@ -453,5 +453,16 @@ def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, eve
             f"(predicted {_fmt(info['horizon_months'])}-month mortality > {info['cutoff']})")
 
 
-__all__ = ["Nomogram", "NomogramResult", "build_nomogram", "patient_points", "survival_from_points", "calibration",
-           "decision_curve", "select_variables", "nomogram", "write_nomogram", "nomogram_cli"]
+__all__ = [
+    "Nomogram",
+    "NomogramResult",
+    "build_nomogram",
+    "calibration",
+    "decision_curve",
+    "nomogram",
+    "nomogram_cli",
+    "patient_points",
+    "select_variables",
+    "survival_from_points",
+    "write_nomogram",
+]

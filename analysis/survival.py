@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ class CoxConvergenceError(SurvivalInputError):
 
 
 # ------------------------------------------------------------------------------ input helpers
-def parse_column_spec(spec: str, default_file: str | Path | None = None) -> tuple[str, str | None, str]:
+def parse_column_spec(spec: str) -> tuple[str, str | None, str]:
     """``[NAME=][FILE:]COLUMN`` -> (name, file or None, column).
 
     Without ``FILE`` the column is read from the main table; without ``NAME`` the column name is used
@@ -197,10 +197,10 @@ def logrank(df: pd.DataFrame, duration: str, event: str, group: str) -> dict:
     from lifelines.statistics import multivariate_logrank_test
 
     data = df[[duration, event, group]].dropna()
-    n = int(len(data))
+    n = len(data)
     present = pd.unique(data[group])
     n_events = int(pd.to_numeric(data[event]).sum())
-    out = {"n": n, "n_groups": int(len(present)), "test_statistic": np.nan, "p_value": np.nan, "skipped_reason": ""}
+    out = {"n": n, "n_groups": len(present), "test_statistic": np.nan, "p_value": np.nan, "skipped_reason": ""}
     if n == 0:
         out["skipped_reason"] = "no patients"
     elif len(present) < 2:
@@ -260,7 +260,7 @@ def kaplan_meier(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT,
         median = float(kmf.median_survival_time_)
         ci = median_survival_times(kmf.confidence_interval_).to_numpy(dtype=float).ravel()
         lo, hi = (ci[0], ci[1]) if ci.size >= 2 else (np.nan, np.nan)
-        rows.append({"group": level, "n": int(len(sub)), "events": int(sub[event].sum()),
+        rows.append({"group": level, "n": len(sub), "events": int(sub[event].sum()),
                      "median_os_months": median if np.isfinite(median) else np.nan,
                      "median_ci_lower_95": lo if np.isfinite(lo) else np.nan,
                      "median_ci_upper_95": hi if np.isfinite(hi) else np.nan,
@@ -275,7 +275,9 @@ def kaplan_meier(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT,
     if empty:
         log.info("%s: group(s) with no patient listed, not plotted: %s", label, ", ".join(map(str, empty)))
     curve_cols = ["group", "time", "survival", "ci_lower_95", "ci_upper_95", "at_risk"]
-    return KMResult(fitters=fitters, medians=pd.DataFrame(rows), empty_groups=empty,
+    median_cols = ["group", "n", "events", "median_os_months", "median_ci_lower_95", "median_ci_upper_95",
+                   "median_reached", "plotted", "note"]
+    return KMResult(fitters=fitters, medians=pd.DataFrame(rows, columns=median_cols), empty_groups=empty,
                     logrank=logrank(data, duration, event, group),
                     curves=pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=curve_cols),
                     unassigned=unassigned)
@@ -401,7 +403,7 @@ def write_km(grid: KMGrid, out: str | Path, marker_months: float | None = MARKER
     methods = list(dict.fromkeys(m for m, _ in grid.results))
     subgroups = list(dict.fromkeys(s for _, s in grid.results))
     summary = {"methods": methods, "subgroups": subgroups, "marker_months": marker_months,
-               "n_unassigned": int(len(grid.unassigned)),
+               "n_unassigned": len(grid.unassigned),
                "logrank": _logrank_records(grid)}
     write_json(out / "summary.json", summary)
     return summary
@@ -724,7 +726,7 @@ def _coefficient_rows(cph, variables: dict, cat_info: dict) -> list[dict]:
     return rows
 
 
-def variable_p_values(result: "CoxResult") -> dict:
+def variable_p_values(result: CoxResult) -> dict:
     """Joint Wald p per variable (chi-square, one df per design column): the selection test."""
     from scipy.stats import chi2
 
@@ -890,7 +892,7 @@ def write_cox_outputs(result: CoxResult, out: str | Path) -> dict:
     save_figure(fig, out / "figures" / "schoenfeld.png", data=data)
     write_csv(out / "tables" / "excluded.csv", result.excluded)
     summary = {"concordance": result.concordance, "cv_concordance": result.cv_concordance,
-               "n": int(len(result.design)), "events": int(result.design[result.event].sum()), "converged": True,
+               "n": len(result.design), "events": int(result.design[result.event].sum()), "converged": True,
                "ph_violations": result.ph_violations, "cv_note": result.cv_note, "penalizer": result.penalizer,
                "categorical": result.categorical, "ties": "efron"}
     write_json(out / "summary.json", summary)
