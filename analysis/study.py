@@ -301,10 +301,12 @@ def _classify(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def _mrecist(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.mrecist import mrecist_from_masks
+    from analysis.mrecist import mrecist_from_masks, waterfall_figure
 
     frame = mrecist_from_masks(ctx.cohort, ctx.path("masks"))
     io.write_csv(staging / "mrecist.csv", frame)
+    fig, data = waterfall_figure(frame)
+    io.save_figure(fig, staging / "figures" / "waterfall.png", data=data)
     bar.update(1)
     return {k: int(v) for k, v in frame["best_response"].fillna("NA").value_counts().items()}
 
