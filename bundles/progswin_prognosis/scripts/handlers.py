@@ -1,0 +1,66 @@
+"""predictions.csv writer (docs/contracts.md, "Prediction files") as an ignite handler."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from ignite.engine import Engine, Events
+
+from scripts.io import write_csv
+
+log = logging.getLogger(__name__)
+
+
+class PredictionWriter:
+    """Collects softmax probabilities per patient and writes predictions.csv when the run ends.
+
+    Columns: patient_id, fold, prob_0..prob_{C-1}, pred_class, label (empty for unlabelled).
+    Rows are sorted by patient_id; the file is written atomically.
+
+    Args:
+        output_file: CSV path.
+        fold: value of the ``fold`` column: the fold model that produced the rows, -1 = ensemble.
+        pred_key / patient_key / label_key: where the engine's decollated output and batch hold them.
+    """
+
+    def __init__(self, output_file: str, fold: int = -1, pred_key: str = "pred",
+                 patient_key: str = "patient_id", label_key: str = "label") -> None:
+        self.output_file = output_file
+        self.fold = int(fold)
+        self.pred_key, self.patient_key, self.label_key = pred_key, patient_key, label_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(output, dict):  # decollate=False: one dict of batched tensors
+            raise ValueError("PredictionWriter needs the evaluator's decollate=True (per-sample outputs)")
+        for item, out in zip(batch, output):
+            prob = torch.as_tensor(out[self.pred_key]).detach().float().cpu().reshape(-1).numpy()
+            if not np.isclose(prob.sum(), 1.0, atol=1e-4):
+                raise ValueError(f"patient {item[self.patient_key]}: probabilities sum to {prob.sum():.6f}, "
+                                 f"not 1: postprocessing must apply softmax before PredictionWriter")
+            label = item.get(self.label_key)
+            label = int(torch.as_tensor(label).item()) if label is not None else -1
+            row = {"patient_id": str(item[self.patient_key]), "fold": self.fold}
+            row.update({f"prob_{k}": float(v) for k, v in enumerate(prob)})
+            row["pred_class"] = int(np.argmax(prob))
+            row["label"] = label if label >= 0 else None
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        frame = pd.DataFrame(self.rows)
+        dup = frame["patient_id"][frame["patient_id"].duplicated()].tolist()
+        if dup:
+            raise ValueError(f"patient(s) {dup} predicted more than once: the dataset lists them twice")
+        frame = frame.sort_values("patient_id").reset_index(drop=True)
+        frame["label"] = frame["label"].astype("Int64")
+        write_csv(frame, self.output_file)
+        log.info("wrote %d prediction(s) to %s", len(frame), self.output_file)

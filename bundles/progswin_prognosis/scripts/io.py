@@ -1,0 +1,68 @@
+"""Atomic file writes (temp file in the same folder, then rename): no half-written outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = "".join(os.path.basename(path).partition(".")[1:])
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """NaN -> null so the JSON is standard (absent classes are null in metrics.json)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(obj: Any, path: str) -> str:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(_clean(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+
+    return _atomic(path, w)
+
+
+def write_csv(frame, path: str) -> str:
+    return _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_figure(fig, path: str, data=None) -> str:
+    """PNG of ``fig`` and, when given, the CSV of the data behind it (same stem)."""
+    import matplotlib.pyplot as plt
+
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    if data is not None:
+        write_csv(data, os.path.splitext(path)[0] + ".csv")
+    return path
+
+
+def save_nifti(array, affine, path: str) -> str:
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    return _atomic(path, lambda tmp: nib.save(img, tmp))
