@@ -179,7 +179,9 @@ class Pipeline:
         bar = tqdm(desc=f"  {stage.name}", unit="step", position=1, leave=False, disable=not self.progress)
         try:
             headline = stage.run(self.ctx, staging, bar) or {}
-        except StageFailure as exc:
+        except (StageFailure, ValueError, FileNotFoundError) as exc:
+            # input problems the analysis functions diagnose (they name the file/column): the
+            # stage is recorded as failed with that message and the run goes on where it can
             seconds = time.perf_counter() - start
             log.error("stage %s failed: %s", stage.name, exc)
             self.manifest["stages"][stage.name] = {"status": "failed", "message": str(exc), "seconds": seconds,

@@ -354,17 +354,35 @@ def _cox_table(ctx: StudyContext) -> pd.DataFrame:
 
 
 def _cox(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.survival import fit_cox, write_cox_outputs
+    from analysis.survival import write_cox_outputs
 
     table = _cox_table(ctx)
     io.write_csv(staging / "tables" / "cox_input.csv", table)
     covariates, categorical = _cox_covariates(table)
-    result = fit_cox(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-                     penalizer=ctx.settings["cox_penalizer"])
+    result = _fit_cox_or_penalise(table, covariates, categorical, ctx.settings["cox_penalizer"])
     write_cox_outputs(result, staging)
     bar.update(1)
     summary = json.loads((staging / "summary.json").read_text())
     return {"concordance": summary.get("concordance"), "cv_concordance": summary.get("cv_concordance")}
+
+
+def _fit_cox_or_penalise(table: pd.DataFrame, covariates: list[str], categorical: list[str], penalizer: float):
+    """Fit as configured; on separation or non-convergence refit once with a ridge penalty of 0.1.
+
+    Small cohorts (and the synthetic one, where every complete responder survives) separate; the
+    refit is logged and its penalizer is recorded in cox/summary.json.
+    """
+    from analysis.survival import CoxConvergenceError, fit_cox
+
+    try:
+        return fit_cox(table, duration="os_months", event="death", covariates=covariates,
+                       categorical=categorical, penalizer=penalizer)
+    except CoxConvergenceError as exc:
+        if penalizer >= 0.1:
+            raise
+        log.warning("Cox model without penalty failed (%s); refitting with penalizer 0.1", str(exc).splitlines()[0])
+        return fit_cox(table, duration="os_months", event="death", covariates=covariates,
+                       categorical=categorical, penalizer=0.1)
 
 
 def _cox_covariates(table: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -380,8 +398,19 @@ def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
 
     table = _cox_table(ctx)
     covariates, categorical = _cox_covariates(table)
-    nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-             penalizer=ctx.settings["cox_penalizer"], out=staging)
+    from analysis.survival import CoxConvergenceError
+
+    penalizer = ctx.settings["cox_penalizer"]
+    try:
+        nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                 penalizer=penalizer, out=staging)
+    except CoxConvergenceError as exc:
+        if penalizer >= 0.1:
+            raise
+        log.warning("nomogram Cox fit without penalty failed (%s); refitting with penalizer 0.1",
+                    str(exc).splitlines()[0])
+        nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                 penalizer=0.1, out=staging)
     bar.update(1)
     summary = json.loads((staging / "summary.json").read_text())
     return {"n_high_risk": summary.get("n_high_risk")}
