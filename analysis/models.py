@@ -502,14 +502,22 @@ def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
     return data
 
 
-def plot_correlation(X: pd.DataFrame, path) -> pd.DataFrame:
-    """Pearson correlation heatmap of the LASSO-selected features (Appendix 8, panel C)."""
+MAX_HEATMAP_FEATURES = 40
+
+
+def plot_correlation(X: pd.DataFrame, path, max_features: int = MAX_HEATMAP_FEATURES) -> pd.DataFrame:
+    """Pearson correlation heatmap of the LASSO-selected features (Appendix 8, panel C).
+
+    ``X`` columns in importance order; only the first ``max_features`` are drawn (a readable
+    figure; the paper shows 8), the title says how many were left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    corr = X.corr(method="pearson").fillna(0.0)
+    left_out = max(0, X.shape[1] - max_features)
+    corr = X.iloc[:, :max_features].corr(method="pearson").fillna(0.0)
     n = len(corr)
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
     im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap="coolwarm")
@@ -520,7 +528,8 @@ def plot_correlation(X: pd.DataFrame, path) -> pd.DataFrame:
             for j in range(n):
                 ax.text(j, i, f"{corr.iat[i, j]:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, label="Pearson r")
-    ax.set_title("Correlation of LASSO-selected features")
+    more = f" (top {max_features} of {X.shape[1]} by |coefficient|)" if left_out else ""
+    ax.set_title(f"Correlation of LASSO-selected features{more}")
     fig.tight_layout()
     data = corr.reset_index(names="feature")
     save_figure(fig, path, data=data)
@@ -606,7 +615,8 @@ def evaluate_models(features, clinical, design: str = "both", models=MODEL_NAMES
     rows = []
     dropped = {d: (k, r) for d, k, r in sel.dropped_}
     base = sel.lasso_support_ if not sel.fallback_ else [*sel.support_, *dropped]
-    for j in sorted(base, key=lambda j: -sel.importance_[j]):
+    base = sorted(base, key=lambda j: -sel.importance_[j])
+    for j in base:
         k, r = dropped.get(j, (None, np.nan))
         rows.append({"feature": X.columns[j], "lasso_importance": float(sel.importance_[j]),
                      "kept": j not in dropped, "correlated_with": None if k is None else X.columns[k],

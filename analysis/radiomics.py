@@ -16,10 +16,10 @@ Outputs (docs/contracts.md), for ``--out features.csv``:
 ROI rules:
 
 - ``--roi tumour`` = label 2, ``liver`` = label 1, ``liver+tumour`` = labels 1 and 2.
-- Minimum ROI: at least ``MIN_ROI_VOXELS`` (64) voxels spanning at least ``MIN_ROI_EXTENT`` (2)
-  voxels along each of the three axes, counted on the mask's own grid. Below that the texture
-  matrices after resampling to 2 mm are degenerate (a one-voxel ROI has no neighbours) and the
-  shape features are not 3-D. Such a patient goes to the errors CSV.
+- Minimum ROI: at least ``MIN_ROI_VOXELS`` (8) voxels on the mask's own grid and at least
+  ``MIN_ROI_VOLUME_MM3`` (64 mm^3, i.e. 8 voxels of the 2 mm grid the settings resample to).
+  Below that the texture matrices after resampling are degenerate (a one-voxel ROI has no
+  neighbours). Such a patient goes to the errors CSV, as does any patient PyRadiomics rejects.
 - Geometry: image and mask must have the same size and the same affine (direction x spacing and
   origin) within ``analysis.cohort.AFFINE_TOLERANCE_MM`` (1e-3 mm). Any patient beyond that stops
   the run before anything is computed, with every such patient named (a mask of another scan
@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 ROIS: dict[str, tuple[int, ...]] = {"tumour": (2,), "liver": (1,), "liver+tumour": (1, 2)}
 _ROI_ALIASES = {"tumor": "tumour", "liver_tumour": "liver+tumour", "liver+tumor": "liver+tumour"}
-MIN_ROI_VOXELS = 64
-MIN_ROI_EXTENT = 2
+MIN_ROI_VOXELS = 8
+MIN_ROI_VOLUME_MM3 = 64.0
 #: features of the default settings for a 3-D ROI: 13 image types x 86 + 14 shape
 EXPECTED_FEATURES_DEFAULT = 1132
 DEFAULT_SETTINGS = "exampleMR_3mm.yaml"
@@ -142,14 +142,14 @@ def _cache_key(image_sha: str, mask_sha: str, settings_sha: str, labels: tuple[i
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _roi_problem(roi: np.ndarray, labels: tuple[int, ...]) -> str | None:
+def _roi_problem(roi: np.ndarray, labels: tuple[int, ...], voxel_mm3: float) -> str | None:
     n = int(roi.sum())
     if n == 0:
         return f"ROI empty: no voxel with label {'/'.join(map(str, labels))}"
-    extent = [int(np.ptp(ax)) + 1 for ax in np.nonzero(roi)]
-    if n < MIN_ROI_VOXELS or min(extent) < MIN_ROI_EXTENT:
-        return (f"ROI too small: {n} voxels spanning {'x'.join(map(str, extent))}; minimum "
-                f"{MIN_ROI_VOXELS} voxels spanning >= {MIN_ROI_EXTENT} along every axis")
+    volume = n * voxel_mm3
+    if n < MIN_ROI_VOXELS or volume < MIN_ROI_VOLUME_MM3:
+        return (f"ROI too small: {n} voxels, {volume:.1f} mm^3; minimum {MIN_ROI_VOXELS} voxels and "
+                f"{MIN_ROI_VOLUME_MM3:g} mm^3")
     return None
 
 
@@ -198,7 +198,7 @@ def extract_patient(task: dict) -> dict:
         out["error"] = f"cannot read image or mask: {exc}".splitlines()[0]
         return out
     roi = np.isin(label_map, task["labels"])
-    problem = _roi_problem(roi, tuple(task["labels"]))
+    problem = _roi_problem(roi, tuple(task["labels"]), float(np.prod(image.GetSpacing())))
     if problem:
         out["error"] = problem
         return out
@@ -339,7 +339,7 @@ def extract_all(cohort: str | Path, masks: str | Path, timepoint: str = "t1", ro
         "n_errors": len(err),
         "n_cache_hits": int(sum(bool(r.get("cache_hit")) for r in ok)),
         "min_roi_voxels": MIN_ROI_VOXELS,
-        "min_roi_extent": MIN_ROI_EXTENT,
+        "min_roi_volume_mm3": MIN_ROI_VOLUME_MM3,
         "geometry_tolerance_mm": AFFINE_TOLERANCE_MM,
     }
     if params is None and ok and len(columns) != EXPECTED_FEATURES_DEFAULT:

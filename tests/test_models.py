@@ -117,7 +117,7 @@ def run(tmp_path_factory):
 
 
 def test_classify_outputs_and_summary_contract(run):
-    out, msg, y, ids = run
+    out, msg, _, _ = run
     assert msg.startswith("48 patients (3 excluded)")
     s = json.loads((out / "summary.json").read_text())
     assert s["design"] == "cv4" and s["score_model"] == "naive_bayes"
@@ -143,7 +143,7 @@ def test_classify_outputs_and_summary_contract(run):
 
 
 def test_predictions_cover_every_patient_once(run):
-    out, _, y, ids = run
+    out, _, _, ids = run
     for m in M.MODEL_NAMES:
         pr = pd.read_csv(out / "predictions" / f"cv4_{m}.csv")
         assert list(pr.columns[:7]) == ["patient_id", "fold", "prob_0", "prob_1", "prob_2", "prob_3", "pred_class"]

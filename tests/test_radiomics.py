@@ -87,7 +87,7 @@ def test_bad_rois_and_missing_files_go_to_errors_csv(first_run):
     err = pd.read_csv(out.with_name("features_errors.csv")).set_index("patient_id")["reason"]
     assert sorted(err.index) == ["P002", "P003", "P004", "P005"]
     assert err["P002"] == "ROI empty: no voxel with label 2"
-    assert err["P003"].startswith("ROI too small: 1 voxels spanning 1x1x1; minimum 64 voxels")
+    assert err["P003"] == "ROI too small: 1 voxels, 6.8 mm^3; minimum 8 voxels and 64 mm^3"
     assert err["P004"].startswith("no image ") and err["P004"].endswith("P004/t1.nii.gz")
     assert err["P005"].startswith("no mask ") and err["P005"].endswith("P005/t1.nii.gz")
 
