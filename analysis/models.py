@@ -502,6 +502,34 @@ def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
     return data
 
 
+def plot_confusion(conf: pd.DataFrame, path, title: str) -> pd.DataFrame:
+    """One confusion matrix per model (Fig. 5): rows true class, columns predicted class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(conf["model"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    pred_cols = [f"pred_{k}" for k in range(NUM_CLASSES)]
+    for ax, name in zip(axes.ravel(), names):
+        m = conf[conf["model"] == name].sort_values("true_class")[pred_cols].to_numpy()
+        ax.imshow(m, cmap="Blues")
+        for i in range(NUM_CLASSES):
+            for j in range(NUM_CLASSES):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+        ax.set_xticks(range(NUM_CLASSES))
+        ax.set_yticks(range(NUM_CLASSES))
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(DISPLAY_NAMES.get(name, name), fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, data=conf)
+    return conf
+
+
 MAX_HEATMAP_FEATURES = 40
 
 
@@ -575,6 +603,8 @@ def evaluate_models(features, clinical, design: str = "both", models=MODEL_NAMES
     if len(y) < 8:
         raise ValueError(f"only {len(y)} labelled patients with features; classification needs at least 8")
     log.info("classify: %d patients, %d features, classes %s", len(y), X.shape[1], y.value_counts().sort_index().to_dict())
+    for k in sorted(set(range(NUM_CLASSES)) - set(y)):
+        log.warning("classify: class %d has no patient: its AUC is reported as null, left out of the macro AUC", k)
     dl = read_dl_predictions(dl_predictions) if dl_predictions is not None else None
 
     out: dict = {"X": X, "y": y, "excluded": excluded, "predictions": {}, "dl_comparison": {}, "dl_predictions": {}}
@@ -653,7 +683,8 @@ def classify(features, clinical, out, dl_predictions=None, design: str = "both",
 
     Layout under ``out``: summary.json, radiomic_score.csv, predictions/<design>_<model>.csv,
     tables/{metrics,confusion,selected_features,selected_features_per_split,excluded,
-    dl_comparison}.csv, figures/{roc_<design>,pca_3d,correlation_heatmap}.png (+ tables/<stem>.csv).
+    dl_comparison}.csv, figures/{roc_<design>,confusion_<design>,pca_3d,correlation_heatmap}.png
+    (+ tables/<stem>.csv, the data behind each figure).
     """
     res = evaluate_models(features, clinical, design=design, models=models, seed=seed, n_boot=n_boot,
                           corr_threshold=corr_threshold, score_model=score_model, dl_predictions=dl_predictions)
@@ -667,6 +698,8 @@ def classify(features, clinical, out, dl_predictions=None, design: str = "both",
             panels = {"dl": res["dl_predictions"][d], **panels}
         what = "4-fold cross-validation, out-of-fold" if d == "cv4" else "stratified 75:25 split, test set"
         plot_roc(panels, out / "figures" / f"roc_{d}.png", f"One-vs-rest ROC per class ({what})")
+        conf = res["confusion"][res["confusion"]["design"] == d].drop(columns="design")
+        plot_confusion(conf, out / "figures" / f"confusion_{d}.png", f"Confusion matrices ({what})")
     write_csv(out / "tables" / "metrics.csv", res["metrics"])
     write_csv(out / "tables" / "confusion.csv", res["confusion"])
     write_csv(out / "tables" / "selected_features.csv", res["selection"]["table"])

@@ -130,7 +130,7 @@ def test_classify_outputs_and_summary_contract(run):
     assert max(r["macro_auc"] for r in s["models"].values()) > 0.75
     assert set(s["other_designs"]["split75"]) == set(M.MODEL_NAMES)
     assert s["other_designs"]["split75"]["naive_bayes"]["n"] == 12  # 25 % of 48
-    for f in ("figures/roc_cv4.png", "figures/roc_split75.png", "figures/pca_3d.png",
+    for f in ("figures/roc_cv4.png", "figures/roc_split75.png", "figures/confusion_cv4.png", "tables/confusion_cv4.csv", "figures/pca_3d.png",
               "figures/correlation_heatmap.png", "tables/roc_cv4.csv", "tables/pca_3d.csv",
               "tables/correlation_heatmap.csv", "tables/metrics.csv", "tables/confusion.csv",
               "tables/selected_features.csv", "tables/selected_features_per_split.csv"):
@@ -189,7 +189,7 @@ def test_dl_comparison_paired_bootstrap(run):
     assert set(s["dl_comparison"]) == set(M.MODEL_NAMES)
 
 
-def test_absent_class_gives_null_auc(tmp_path):
+def test_absent_class_gives_null_auc(tmp_path, caplog):
     feats, y, ids = _signal_data(n=36, p=10)
     keep = y != 3
     f = feats[keep]
@@ -200,6 +200,7 @@ def test_absent_class_gives_null_auc(tmp_path):
     nb = res["summary"]["models"]["naive_bayes"]
     assert nb["auc_per_class"]["3"] is None and nb["auc_ci"]["3"] is None
     assert nb["macro_auc"] == pytest.approx(np.mean([nb["auc_per_class"][k] for k in "012"]))
+    assert "class 3 has no patient: its AUC is reported as null" in caplog.text
 
 
 def test_bad_inputs(tmp_path):
