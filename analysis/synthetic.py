@@ -82,10 +82,21 @@ TACE_EXTRA_MEAN, TACE_SD = 5.2, 5.6
 TACE_INTERVAL_MONTHS = 2.0
 P_HIGH_RISK = 0.5
 MAX_DIAMETER_MM = 95.0
+#: lesions appear in the images at this fraction of their nominal diameter (S >= ~100), see
+#: lesion_gain; mRECIST measurability (10 mm) is applied to the imaged size
+IMAGED_MM_PER_NOMINAL_MM = 0.7
+MAX_LESION_GAIN = 2.5
+#: lesion gain at S = 128 (real body-frame size of a lesion / nominal size), used for placement
+REFERENCE_GAIN = IMAGED_MM_PER_NOMINAL_MM / (0.552 * 128 / 165.0)
+PLACEMENT_TRIES = 40
+NEW_LESION_DISTANCE_MM = 40.0
+#: new lesions per follow-up ~ Poisson(RATE[t] * max(g - FROM_G (+0.2 at t2), 0))
+NEW_LESION_RATE, NEW_LESION_FROM_G = (1.2, 1.5), 0.1
+MEASURABLE_MM = 10.0
 P_MRECIST_MISSING = 0.06  # "N/A" in Table 1: response not assessed
 # viable fraction after TACE = clip(GAIN * sigmoid(1.8 g + SHIFT[t] + noise) - FLOOR, 0, 1): tuned
 # so that best mRECIST response is near Table 1 (CR 5.5, PR 37, SD 28, PD 23, N/A 6 %)
-VIABLE_GAIN, VIABLE_FLOOR, VIABLE_SHIFT = 1.02, 0.015, (-1.5, -1.0)
+VIABLE_GAIN, VIABLE_FLOOR, VIABLE_SHIFT = 1.04, 0.03, (-0.3, 0.0)
 
 # ---- survival model ---------------------------------------------------------------------------
 BETA_Z = 2.0  # log hazard ratio per SD of the latent prognosis: steep, so OS is learnable
@@ -116,9 +127,10 @@ CLINICAL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + ("aetiology", "risk_class
 class Lesion:
     """One lesion in the real-size body frame; diameters (mm) and viable fraction per time point.
 
-    ``viable[t]`` is the fraction of the diameter that is enhancing: the necrotic part is the
-    slab of the lesion beyond a plane with normal ``normal`` (in-plane), so the viable part is a
-    cap whose longest axial diameter is known in closed form (:meth:`viable_diameter`).
+    ``viable[t]`` is the enhancing volume fraction. The viable part is a ball of diameter
+    ``diameter * viable ** (1/3)`` inside the lesion, touching its margin on the side ``normal``
+    (nodular residual tumour at the edge of a lipiodol-laden / necrotic lesion); the rest of the
+    lesion is necrotic. Its longest axial diameter is the ball's (:meth:`viable_diameter`).
     """
 
     centre: np.ndarray  # (3,) real mm
@@ -132,10 +144,7 @@ class Lesion:
 
     def viable_diameter(self, t: int) -> float:
         d, v = self.diameter[t], self.viable[t]
-        if d <= 0 or v <= 0:
-            return 0.0
-        r, h = d / 2.0, d * v
-        return d if h >= r else 2.0 * math.sqrt(h * (2.0 * r - h))
+        return d * v ** (1.0 / 3.0) if d > 0 and v > 0 else 0.0
 
 
 @dataclass
@@ -225,7 +234,7 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
     for t, tp in enumerate(TIMEPOINTS):
         present = [les for les in plan.lesions if les.diameter[t] > 0]
         vol = sum(math.pi / 6 * les.diameter[t] ** 3 for les in present) / 1000.0
-        viable_vol = sum(math.pi / 6 * les.diameter[t] ** 3 * _cap_fraction(les.viable[t]) for les in present) / 1000.0
+        viable_vol = sum(math.pi / 6 * les.diameter[t] ** 3 * les.viable[t] for les in present) / 1000.0
         latent[f"latent_n_lesions_{tp}"] = len(present)
         latent[f"latent_tumour_ml_{tp}"] = vol
         latent[f"latent_viable_ml_{tp}"] = viable_vol
@@ -239,12 +248,6 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
 def _viable(logit: float) -> float:
     """Viable fraction from a logit; below ~7 % the lesion counts as completely necrotic."""
     return float(np.clip(VIABLE_GAIN * _sigmoid(logit) - VIABLE_FLOOR, 0.0, 1.0))
-
-
-def _cap_fraction(v: float) -> float:
-    """Volume fraction of a sphere in a cap of height v * diameter."""
-    v = min(max(v, 0.0), 1.0)
-    return v * v * (3.0 - 2.0 * v)
 
 
 def _random_fourier(rng: np.random.Generator, n: int, wavelength_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -283,21 +286,38 @@ def _plan_anatomy(rng: np.random.Generator, plan: PatientPlan) -> None:
     plan.fat_mm = float(rng.uniform(8.0, 25.0))
 
 
-def _inside_liver_point(rng: np.random.Generator, plan: PatientPlan, margin_mm: float) -> np.ndarray:
-    """A point at least ``margin_mm`` inside one of the liver's lobes (right lobe favoured)."""
+def _inside_liver_points(rng: np.random.Generator, plan: PatientPlan, margin_mm: float, n: int) -> np.ndarray:
+    """n points at least ``margin_mm`` inside one of the liver's lobes (by volume: right lobe favoured)."""
     lobes = plan.liver_lobes[:2]
     weights = np.array([np.prod(r) for _, r in lobes])
-    lobe = lobes[int(rng.choice(len(lobes), p=weights / weights.sum()))]
-    centre, radii = lobe
-    inner = np.maximum(radii - margin_mm, 5.0)
-    u = rng.standard_normal(3)
-    u = u / np.linalg.norm(u) * rng.random() ** (1 / 3)
-    return centre + u * inner * 0.9
+    which = rng.choice(len(lobes), size=n, p=weights / weights.sum())
+    u = rng.standard_normal((n, 3))
+    u = u / np.linalg.norm(u, axis=1, keepdims=True) * rng.random((n, 1)) ** (1 / 3)
+    centres = np.array([c for c, _ in lobes])[which]
+    inner = np.maximum(np.array([r for _, r in lobes]) - margin_mm, 5.0)[which]
+    return centres + u * inner * 0.9
 
 
-def _new_lesion(rng, plan, diameters, viable, kind, irregularity, centre=None) -> Lesion:
+def _place(rng: np.random.Generator, plan: PatientPlan, placed: list[Lesion], d_max: float, kind: str) -> np.ndarray:
+    """A lesion centre in the liver that keeps lesions apart as imaged at S = 128 (separate
+    connected components for mRECIST); new lesions also lie > 15 mm as imaged from every older
+    lesion, so that a follow-up reader sees them as new. Best of a few tries when the liver is full."""
+    candidates = _inside_liver_points(rng, plan, 0.5 * d_max * REFERENCE_GAIN + 3.0, PLACEMENT_TRIES)
+    if not placed:
+        return candidates[0]
+    others = np.array([o.centre for o in placed])
+    need = 0.5 * (d_max + np.array([max(o.diameter) for o in placed])) * REFERENCE_GAIN + 4.0
+    if kind == "new":
+        older = np.array([o.kind != "new" for o in placed])
+        need = np.where(older, np.maximum(need, NEW_LESION_DISTANCE_MM), need)
+    slack = (np.linalg.norm(candidates[:, None, :] - others[None], axis=-1) - need).min(axis=1)
+    ok = np.flatnonzero(slack >= 0)
+    return candidates[ok[0]] if ok.size else candidates[int(np.argmax(slack))]
+
+
+def _new_lesion(rng, plan, diameters, viable, kind, irregularity, centre=None, placed=()) -> Lesion:
     if centre is None:
-        centre = _inside_liver_point(rng, plan, max(diameters) / 2 + 5.0)
+        centre = _place(rng, plan, list(placed), max(diameters), kind)
     angle = rng.uniform(0, 2 * math.pi)
     freqs, phases = _random_fourier(rng, 5, 1.0)
     return Lesion(centre=np.asarray(centre, float), diameter=tuple(float(d) for d in diameters),
@@ -306,7 +326,7 @@ def _new_lesion(rng, plan, diameters, viable, kind, irregularity, centre=None) -
 
 
 def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, high_risk: int, treatment: str) -> None:
-    lo, hi = ((12.0, 29.0), (30.0, 50.0), (51.0, 80.0))[size_cat]
+    lo, hi = ((15.0, 29.0), (30.0, 50.0), (51.0, 80.0))[size_cat]
     d_max = rng.uniform(lo, hi)
     plan.heterogeneity = float(rng.uniform(0.22, 0.3) if high_risk else rng.uniform(0.02, 0.06))
     irregular = float(rng.uniform(0.18, 0.28) if high_risk else rng.uniform(0.0, 0.05))
@@ -334,52 +354,53 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
             d1 = d0 * 1.15 * (1 + max(g, 0) * 0.1)
             d2 = grow(d1, d0)
             v1, v2 = _viable(2.0 * g - 2.0), _viable(2.2 * g - 1.5)
-        lesions.append(_new_lesion(rng, plan, (d0, d1, d2), (v0, v1, v2), "nodule", irregular))
+        lesions.append(_new_lesion(rng, plan, (d0, d1, d2), (v0, v1, v2), "nodule", irregular, placed=lesions))
     if high_risk:
         dominant = lesions[0]
         for _ in range(int(rng.integers(2, 5))):
             direction = rng.standard_normal(3)
             direction /= np.linalg.norm(direction)
-            centre = dominant.centre + direction * (dominant.diameter[0] / 2 + rng.uniform(6.0, 14.0))
             ds = rng.uniform(5.0, 9.0)
             d1s = grow(ds, ds)
-            lesions.append(_new_lesion(rng, plan, (ds, d1s, grow(d1s, ds)), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
+            d2s = grow(d1s, ds)
+            # just outside the dominant nodule as imaged: a separate, nearby focus
+            reach = 0.5 * (max(dominant.diameter) + max(ds, d1s, d2s)) * REFERENCE_GAIN + rng.uniform(3.0, 8.0)
+            centre = dominant.centre + direction * reach
+            lesions.append(_new_lesion(rng, plan, (ds, d1s, d2s), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
                                        "satellite", irregular * 0.5, centre=centre))
     # new lesions in poor-prognosis patients (intrahepatic progression)
-    n_new_t1 = int(rng.poisson(1.2 * max(g - 0.3, 0.0)))
-    n_new_t2 = int(rng.poisson(1.5 * max(g - 0.1, 0.0)))
+    n_new_t1 = int(rng.poisson(NEW_LESION_RATE[0] * max(g - NEW_LESION_FROM_G, 0.0)))
+    n_new_t2 = int(rng.poisson(NEW_LESION_RATE[1] * max(g - NEW_LESION_FROM_G + 0.2, 0.0)))
     for t_first, count in ((1, n_new_t1), (2, n_new_t2)):
         for _ in range(count):
-            d = rng.uniform(8.0, 16.0)
+            d = rng.uniform(15.0, 24.0)
             diam = (0.0, d, grow(d, d)) if t_first == 1 else (0.0, 0.0, d)
-            lesions.append(_new_lesion(rng, plan, diam, (0.0, 1.0, 1.0), "new", irregular))
+            lesions.append(_new_lesion(rng, plan, diam, (0.0, 1.0, 1.0), "new", irregular, placed=lesions))
     plan.lesions = lesions
 
 
 def _best_mrecist(lesions: list[Lesion]) -> tuple[str, list[float]]:
-    """Best overall response by mRECIST from the plan's viable diameters (see module docstring)."""
-    targets = sorted((les for les in lesions if les.kind == "nodule" and les.diameter[0] >= 10.0),
+    """Best overall response by mRECIST from the plan's viable diameters.
+
+    Targets: up to two nodules measurable at baseline; new lesions count when measurable.
+    "Measurable" is mRECIST's 10 mm *as imaged* (nominal x IMAGED_MM_PER_NOMINAL_MM), so that this
+    column agrees with ``analysis.mrecist`` run on the labels of an S >= 128 cohort. Per follow-up
+    classification and best response are analysis.mrecist's.
+    """
+    from analysis.mrecist import best_response, classify_response
+
+    measurable = MEASURABLE_MM / IMAGED_MM_PER_NOMINAL_MM
+    targets = sorted((les for les in lesions if les.kind == "nodule" and les.diameter[0] >= measurable),
                      key=lambda les: -les.diameter[0])[:2]
     sums = [sum(les.viable_diameter(t) for les in targets) for t in range(3)]
     if not targets or sums[0] <= 0:
         return "NA", sums
-    order = {"CR": 0, "PR": 1, "SD": 2, "PD": 3}
-    best, nadir = None, sums[0]
+    responses, nadir = [], sums[0]
     for t in (1, 2):
-        new = any(les.kind == "new" and les.diameter[t] > 0 for les in lesions)
-        if new or sums[t] >= 1.2 * nadir and sums[t] - nadir > 0:
-            response = "PD"
-        elif sums[t] == 0:
-            response = "CR"
-        elif sums[t] <= 0.7 * sums[0]:
-            response = "PR"
-        else:
-            response = "SD"
-        if response == "PD":
-            return (best or "PD"), sums
-        best = response if best is None or order[response] < order[best] else best
+        new = any(les.kind == "new" and les.diameter[t] >= measurable and les.viable[t] > 0 for les in lesions)
+        responses.append(classify_response(sums[0], nadir, sums[t], new_lesion=new))
         nadir = min(nadir, sums[t])
-    return best, sums
+    return best_response(responses), sums
 
 
 def _plans(n_patients: int, seed: int) -> list[PatientPlan]:
@@ -440,9 +461,11 @@ def _segment_distance(r: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 
 def lesion_gain(shape: int) -> float:
-    """Lesions are drawn this much larger than nominal at small matrices so that they still cover
-    voxels (x3 at S = 32, x1.5 at 64, x1 from 96 up); ratios between time points are unchanged."""
-    return float(np.clip(96.0 / shape, 1.0, 3.0))
+    """How much larger than the (scaled) anatomy lesions are drawn, so that they appear at
+    IMAGED_MM_PER_NOMINAL_MM of their nominal size in image mm (x1.63 at S = 128); capped at
+    MAX_LESION_GAIN so small matrices keep some liver (S = 64: lesions at 0.54x nominal mm)."""
+    sx = _real_scale(shape, n_slices_for(shape))[0]
+    return float(np.clip(IMAGED_MM_PER_NOMINAL_MM / sx, 1.0, MAX_LESION_GAIN))
 
 
 def _index_box(inv: np.ndarray, centre, half, dims):
@@ -535,7 +558,9 @@ def _render(plan: PatientPlan, t: int, dims, to_real: np.ndarray, gain: float = 
         if halo > 0:
             ring = (dist > bound) & (dist <= bound + halo) & (sub_lab == 1)
             sub_int[ring] = np.maximum(sub_int[ring], INT_PERITUMORAL)
-        necrotic = (rel @ les.normal.astype(np.float32)) > radius * (1.0 + les.irregularity) * (2.0 * les.viable[t] - 1.0)
+        viable_radius = radius * les.viable[t] ** (1.0 / 3.0)
+        viable_centre = les.normal.astype(np.float32) * np.float32(radius - viable_radius)
+        necrotic = np.linalg.norm(rel - viable_centre, axis=-1) > viable_radius
         texture = _fourier_field(r[box][inside], *plan.texture)
         viable = INT_VIABLE * np.clip(1.0 + plan.heterogeneity * 1.2 * texture, 0.7, 1.5)
         sub_int[inside] = np.where(necrotic[inside], np.float32(INT_NECROTIC), viable).astype(np.float32)
