@@ -728,8 +728,11 @@ def classify_cli(features: str, clinical: str, out: str, dl_predictions: str | N
     --corr-threshold 0.9 --score-model naive_bayes (radiomic score = its OOF prob_0 + prob_1)
     """
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
-    res = classify(features, clinical, out, dl_predictions=dl_predictions, design=design, models=names,
-                   seed=seed, n_boot=n_boot, corr_threshold=corr_threshold, score_model=score_model)
+    try:
+        res = classify(features, clinical, out, dl_predictions=dl_predictions, design=design, models=names,
+                       seed=seed, n_boot=n_boot, corr_threshold=corr_threshold, score_model=score_model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"classify: {exc}") from None
     s = res["summary"]
     best = max(s["models"], key=lambda m: s["models"][m]["macro_auc"] or 0)
     return (f"{s['n_patients']} patients ({s['n_excluded']} excluded), {len(s['selected_features'])} selected "

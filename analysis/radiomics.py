@@ -389,8 +389,11 @@ def radiomics_cli(cohort: str, masks: str, out: str = "features.csv", timepoint:
     """
     if cache_dir is None and not no_cache:
         cache_dir = str(Path(out).parent / ".radiomics_cache")
-    result = extract_all(cohort, masks, timepoint=timepoint, roi=roi, params=params, jobs=jobs,
-                         cache_dir=None if no_cache else cache_dir)
+    try:
+        result = extract_all(cohort, masks, timepoint=timepoint, roi=roi, params=params, jobs=jobs,
+                             cache_dir=None if no_cache else cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"radiomics: {exc}") from None
     paths = write_result(result, out)
     p = result.provenance
     return (f"{p['n_patients']} patients x {p['n_features']} features -> {paths['features']}; "

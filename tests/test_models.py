@@ -223,3 +223,9 @@ def test_bad_inputs(tmp_path):
         M.read_dl_predictions(bad)
     with pytest.raises(ValueError, match="only 6 labelled patients"):
         M.evaluate_models(feats.iloc[:6], clin)
+
+
+def test_cli_bad_input_is_one_line_exit(tmp_path):
+    with pytest.raises(SystemExit, match=r"^classify: --features .*nope.csv: no such file"):
+        M.classify_cli(str(tmp_path / "nope.csv"), str(tmp_path / "clinical.csv"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -176,3 +176,9 @@ def test_bad_arguments(cohort, kwargs, msg):
     args = {"timepoint": "t1", "roi": "tumour", **kwargs}
     with pytest.raises((ValueError, FileNotFoundError), match=msg):
         R.extract_all(cohort, cohort / "masks", progress=False, **args)
+
+
+def test_cli_bad_input_is_one_line_exit(cohort, tmp_path):
+    with pytest.raises(SystemExit, match=r"^radiomics: --roi 'lung' is not known"):
+        R.radiomics_cli(str(cohort), str(cohort / "masks"), out=str(tmp_path / "f.csv"), roi="lung")
+    assert not (tmp_path / "f.csv").exists()
