@@ -1,43 +1,61 @@
 """Synthetic HCC-after-TACE cohort: arterial-phase MR-like volumes, masks and a clinical table.
 
 No real patient data exists on the project's machines, so every part of the pipeline runs on this
-generator. It writes the cohort folder of docs/contracts.md::
+generator. ``python -m analysis synth --out DIR --patients N --shape S --seed K`` (or
+:func:`make_cohort`) writes the cohort folder of docs/contracts.md::
 
     images/<pid>/t{0,1,2}.nii.gz   labels/<pid>/t{0,1,2}.nii.gz   clinical.csv   cohort.json
 
-Model, in three layers (all draws from ``numpy.random.SeedSequence(seed).spawn(n)``, one child per
-patient, so patient ``i`` is the same whatever ``n_patients`` and whatever the order of rendering):
+Patient ids are ``HCC001``, ``HCC002``, ... The draws come from
+``numpy.random.SeedSequence(seed).spawn(n)``, one child per patient (split into a plan seed and
+a scan seed), so patient ``i`` is the same whatever ``n_patients`` and whatever order patients
+are rendered in; :func:`make_clinical` gives the same clinical table without making images.
 
-1. **Patient plan** (:func:`make_clinical`, no images): a latent prognosis ``z ~ N(0, 1)``
-   (higher = worse) drives, through Gaussian copulas at the paper's Table 1 marginals, BCLC,
-   AFP >= 400, tumour size, nodule count and sorafenib; the expert ``imaging_high_risk`` flag;
-   overall survival (Weibull proportional hazards, log-hazard ``BETA_Z * z`` plus smaller own
-   effects of sorafenib and age; administrative and random censoring, ~25 % censored); and the
-   lesions' course over t0 -> t1 -> t2: good prognosis = shrinkage and a large non-enhancing
-   (necrotic / lipiodol) part, poor prognosis = growth, little necrosis and new lesions.
-   High imaging risk is visible: satellite nodules, irregular margins, heterogeneous enhancement.
-   ``mrecist`` is the best response computed from the plan's viable diameters (mRECIST: up to
-   two target lesions >= 10 mm; CR = no viable tumour, PR = sum -30 % from baseline,
-   PD = +20 % from nadir or any new lesion, else SD).
-2. **Anatomy** in a *real-size body frame* (mm of a real abdomen: body 330 x 240 mm, liver on
-   the patient's right, spleen, aorta, spine, subcutaneous fat) mapped onto each scan's field of
-   view: in-plane by ``sx = 0.552 * S / 165`` (the body fills ~92 % of the smallest possible
-   field of view, 1.2 mm x S) and cranio-caudally so the liver spans ~60 % of the slab. So a
-   volume of in-plane matrix S shows a *scaled* abdomen: at S = 128 lesions are ~0.43x their
-   nominal size in mm, at S = 32 ~0.11x (a few voxels: fine for plumbing tests, not for
-   realism). Ratios (response, volume change) are scale free.
+1. **Patient plan** (:func:`make_clinical`, no images). A latent prognosis ``z ~ N(0, 1)``
+   (higher = worse) drives, through Gaussian copulas that keep the paper's Table 1 marginals,
+   BCLC (more often A with TACE+MWA), AFP >= 400, tumour size, nodule count, sorafenib, Child-Pugh
+   and the expert ``imaging_high_risk`` flag (correlation RHO). Overall survival is Weibull
+   proportional hazards: log-hazard ``BETA_Z * z`` (HR ~7 per SD, steep so that the 4-class
+   label is learnable) + ``BETA_SORAFENIB`` (protective) + ``BETA_AGE_PER_10Y``; uniform
+   administrative censoring plus random drop-out leave ~25 % censored. TACE cycles: 1 + negative
+   binomial, at most one per TACE_INTERVAL_MONTHS of follow-up. The lesions' course follows
+   ``g = z + noise``: good prognosis = shrinkage and a large non-enhancing (necrotic / lipiodol)
+   part, poor prognosis = growth, little necrosis and new lesions. TACE+MWA ablates the dominant
+   nodule after t0 (a non-enhancing ablation zone, residual viable tumour only when g is high).
+   High imaging risk is visible: 2-4 satellite nodules next to the dominant one, irregular
+   margins, heterogeneous enhancement (+/-30 %) and, mostly, a peritumoral enhancing rim.
+   ``mrecist`` is the best response from the plan's viable diameters (see :func:`_best_mrecist`;
+   6 % are ``NA``, "not assessed", as in Table 1). ``risk_class`` uses
+   ``analysis.cohort.derive_risk_class``. The ``latent_*`` columns of :func:`make_clinical`
+   (z, g, event/censoring times, lesion count, tumour and viable volume in mL and the sum of
+   target viable diameters in mm per time point, satellites, heterogeneity) are the generator's
+   truth; clinical.csv does not carry them.
+2. **Anatomy** in a *real-size body frame* (mm of a real abdomen, RAS+: body 330 x 240 mm with
+   8-25 mm of subcutaneous fat, a lobulated liver on the patient's right (three ellipsoids in a
+   smoothly warped frame) with bright arterial vessels, spleen, aorta, spine) mapped onto each
+   scan's field of view: in-plane by ``sx = 0.552 S / 165`` (the body fills ~92 % of the
+   smallest field of view, 1.2 mm x S), cranio-caudally so the liver spans ~60 % of the slab.
+   **At small S the body is small**: a matrix of S shows a scaled abdomen (right lobe ~73 mm wide at
+   S = 128, ~18 mm at S = 32). Lesions are drawn ``lesion_gain(S)`` times larger than the
+   anatomy so that they appear at 0.7x their nominal diameter in image mm for S >= 96 (capped at
+   x2.5 below: 0.54x at S = 64, 0.27x at S = 32); every lesion covers at least one voxel.
+   Ratios (response, growth) do not depend on S.
 3. **Scans**: per scan an in-plane spacing drawn in 1.2-1.8 mm, 5 mm slices, ``max(8,
-   round(0.4 S))`` slices, a small rotation and origin shift (time points are not aligned: their
-   affines differ, the anatomy stays put in world space), an orientation per patient (RAS, LPS,
-   LAS, ... realised by ``nibabel.orientations`` flips/permutations of the stored array with the
-   matching affine), a smooth multiplicative bias field, Rician noise (magnitude of complex
-   Gaussian), a per-scan intensity scale and offset, int16 for most scans and float32 for some.
+   round(0.4 S))`` slices, a small rotation (~1-2.5 deg) and origin shift (~6 mm), so time points
+   are not aligned (their affines differ; the anatomy stays put in world space); an orientation
+   per patient (ORIENTATIONS: RAS, LPS, LAS, RPS, LPI, PRS, ALS, realised with
+   ``nibabel.orientations`` flips/permutations of the stored array and the matching affine); a
+   smooth multiplicative bias field (exp of a quadratic, ~+/-20 %), light in-plane partial-volume
+   blur, Rician noise (magnitude of complex Gaussian, SNR ~15-30 in liver), a per-scan intensity
+   scale and offset; int16 for ~80 % of scans, float32 for the rest. Labels (uint8 0/1/2) share
+   each image's shape and affine exactly.
 
 Contrast (arbitrary units before bias, noise and scaling): air 0, muscle/organs 0.35, fat 0.8,
-liver 0.5, arterial vessels 0.9, aorta 1.2, viable HCC 1.0 (x (1 +/- heterogeneity), never below
-0.7 = 1.4x liver: arterial hyperenhancement), necrotic / lipiodol part 0.18 (0.36x liver: darker
-than liver). The tumour label covers the whole lesion (viable + necrotic), so "viable = tumour
-voxels brighter than the surrounding liver" recovers the viable part.
+liver 0.5, arterial vessels 0.9, aorta 1.2, peritumoral rim 0.62 (labelled liver), viable HCC
+1.0 x (1 +/- heterogeneity), never below 0.7 = 1.4x liver (arterial hyperenhancement),
+necrotic / lipiodol part 0.18 = 0.36x liver (darker than liver). The tumour label covers the
+whole lesion (viable + necrotic), so "viable = tumour voxels brighter than the surrounding liver"
+(analysis.mrecist) recovers the viable part.
 
 Files are byte-identical for a seed: nibabel's gzip writer stores no file name and mtime 0, and
 nothing depends on time or on the order patients are made in.
@@ -225,7 +243,7 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
         mrecist = "NA"
 
     plan.clinical = {
-        "patient_id": pid, "age": int(round(age)), "sex": sex, "treatment": treatment, "sorafenib": sorafenib,
+        "patient_id": pid, "age": round(age), "sex": sex, "treatment": treatment, "sorafenib": sorafenib,
         "os_months": os_months, "death": death, "bclc": bclc, "child_pugh": child, "afp_ge_400": afp,
         "tumour_size": ("<3cm", "3-5cm", ">5cm")[size_cat], "nodules_gt3": nodules_gt3,
         "tace_cycles": tace_cycles, "imaging_high_risk": high_risk, "aetiology": aetiology, "mrecist": mrecist,
@@ -257,7 +275,7 @@ def _random_fourier(rng: np.random.Generator, n: int, wavelength_mm: float) -> t
 
 
 def _plan_anatomy(rng: np.random.Generator, plan: PatientPlan) -> None:
-    jitter = lambda s: rng.uniform(1 - s, 1 + s)  # noqa: E731
+    jitter = lambda s: rng.uniform(1 - s, 1 + s)
     # real-size body frame in RAS+ mm (+x = patient's right): the liver sits at +x
     plan.liver_lobes = [
         (np.array([58.0, -5.0, -5.0]) * jitter(0.1), np.array([85.0, 92.0, 80.0]) * jitter(0.1)),  # right lobe
@@ -332,14 +350,14 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
     irregular = float(rng.uniform(0.18, 0.28) if high_risk else rng.uniform(0.0, 0.05))
     plan.peritumoral = bool(rng.random() < (0.7 if high_risk else 0.05))
     # per-step diameter factor: shrink when g < 0, grow when g > 0
-    step = lambda: math.exp(0.05 + 0.22 * g + 0.04 * rng.standard_normal())  # noqa: E731
+    step = lambda: math.exp(0.05 + 0.22 * g + 0.04 * rng.standard_normal())
 
     def grow(d: float, d_first: float) -> float:
         # treated lesions stay visible as a necrotic / lipiodol-laden remnant (>= 45 % of the first
         # diameter); growth is capped so the liver is never swallowed
         return float(np.clip(d * step(), max(0.45 * d_first, 5.0), min(1.6 * d, MAX_DIAMETER_MM)))
     # enhancing (viable) fraction after TACE: small when the prognosis is good, 0 = complete necrosis
-    viable_fraction = lambda shift: _viable(1.8 * g + shift + 0.3 * rng.standard_normal())  # noqa: E731
+    viable_fraction = lambda shift: _viable(1.8 * g + shift + 0.3 * rng.standard_normal())
     lesions = []
     for k in range(n_main):
         d0 = d_max if k == 0 else d_max * rng.uniform(0.35, 0.85)
@@ -434,7 +452,7 @@ def _real_scale(shape: int, n_slices: int) -> np.ndarray:
 
 
 def n_slices_for(shape: int) -> int:
-    return max(8, int(round(0.4 * shape)))
+    return max(8, round(0.4 * shape))
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:

@@ -92,6 +92,23 @@ def test_geometry_labels_and_dtypes(cohort):
     assert dtypes <= {"int16", "float32"}
 
 
+def test_affines_place_the_anatomy_consistently_in_world_space(cohort):
+    """Orientation, flips and per-scan affines agree with the stored arrays: the liver's world
+    centroid stays put across time points (scans are moved, the patient is not) and lies on the
+    patient's right (RAS+ x > 0 relative to the body) whatever the stored orientation."""
+    for pid_dir in sorted((cohort / "labels").iterdir()):
+        liver_c, body_c = [], []
+        for tp in TIMEPOINTS:
+            lab = nib.load(pid_dir / f"{tp}.nii.gz")
+            arr = np.asarray(lab.dataobj)
+            img = np.asarray(nib.load(cohort / "images" / pid_dir.name / f"{tp}.nii.gz").dataobj, dtype=float)
+            liver_c.append(nib.affines.apply_affine(lab.affine, np.argwhere(arr > 0).mean(axis=0)))
+            body_c.append(nib.affines.apply_affine(lab.affine, np.argwhere(img > 0.2 * np.percentile(img, 99)).mean(axis=0)))
+        liver_c = np.array(liver_c)
+        assert np.abs(liver_c - liver_c.mean(axis=0)).max() < 4.0, (pid_dir.name, liver_c)
+        assert all(lc[0] > bc[0] for lc, bc in zip(liver_c, body_c)), (pid_dir.name, liver_c, body_c)
+
+
 def test_tumour_enhances_above_liver_at_t0(tmp_path):
     out = make_cohort(tmp_path / "c", n_patients=3, shape=64, seed=3, progress=False)
     for pid_dir in sorted((out / "images").iterdir()):
@@ -230,3 +247,33 @@ def test_images_show_the_planned_course(tmp_path):
         growth.append(np.log(vols[2] / vols[0]))
     assert spearmanr(measured, planned).statistic > 0.85
     assert spearmanr(growth, plan.latent_z).statistic > 0.6
+
+
+def _lesion(d, v, kind="nodule"):
+    from analysis.synthetic import Lesion
+
+    return Lesion(centre=np.zeros(3), diameter=tuple(d), viable=tuple(v), normal=np.array([1.0, 0, 0]), kind=kind,
+                  irregularity=0.0, shape_freqs=np.zeros((1, 3)), shape_phases=np.zeros(1))
+
+
+@pytest.mark.parametrize("lesions, expected, sums", [
+    # viable diameter = d * v^(1/3): 40 * 0.125^(1/3) = 20 -> -50 % -> PR at t1, kept as best
+    ([_lesion((40, 40, 40), (1, 0.125, 0.125))], "PR", (40, 20, 20)),
+    # 40 -> 32 (-20 %) SD, then 40 again = +25 % over the nadir 32 -> PD; best before PD is SD
+    ([_lesion((40, 40, 40), (1, 0.512, 1))], "SD", (40, 32, 40)),
+    # complete necrosis of both targets -> CR; the third (smaller) lesion is not a target
+    ([_lesion((30, 30, 30), (1, 0, 0)), _lesion((20, 20, 20), (1, 0, 0)), _lesion((15, 15, 15), (1, 1, 1))],
+     "CR", (50, 0, 0)),
+    # a measurable new lesion at t1 -> PD even though the target shrank
+    ([_lesion((40, 30, 30), (1, 1, 1)), _lesion((0, 20, 20), (0, 1, 1), kind="new")], "PD", (40, 30, 30)),
+    # a new lesion too small to measure (10 mm as imaged = 14.3 mm nominal) does not count
+    ([_lesion((40, 30, 30), (1, 1, 1)), _lesion((0, 12, 12), (0, 1, 1), kind="new")], "SD", (40, 30, 30)),
+    # no measurable target at baseline -> NA
+    ([_lesion((12, 12, 12), (1, 1, 1))], "NA", (0, 0, 0)),
+])
+def test_mrecist_from_planned_diameters(lesions, expected, sums):
+    from analysis.synthetic import _best_mrecist
+
+    response, got = _best_mrecist(lesions)
+    assert response == expected
+    np.testing.assert_allclose(got, sums, atol=1e-9)
