@@ -37,7 +37,8 @@ TINY = {
     "num_workers": 0,
     "device": "$torch.device('cpu')",
 }
-TRAIN = {**TINY, "use_checkpoint": False, "num_samples": 1, "batch_size": 1, "cache_rate": 1.0,
+#: booleans as strings, as the command line and the study runner (json.dumps) deliver them
+TRAIN = {**TINY, "use_checkpoint": "false", "num_samples": 1, "batch_size": 1, "cache_rate": 1.0,
          "max_epochs": 1, "val_interval": 1}
 
 
@@ -162,7 +163,7 @@ def test_resume_continues_epoch_count(trained, data, caplog):
     with caplog.at_level(logging.INFO):
         wf = _run(["train.json"], dataset_dir=str(data["cohort"]), datalist=str(data["datalist"]),
                   ckpt_dir=str(ckpt), output_dir=str(data["work"] / "resume_eval"),
-                  **{**TRAIN, "max_epochs": 2, "val_interval": 100, "resume": True})
+                  **{**TRAIN, "max_epochs": 2, "val_interval": 100, "resume": "true"})
     trainer = wf.parser.get_parsed_content("train#trainer")
     # one more epoch of one iteration, counted on from the checkpoint's epoch 1 / iteration 1
     assert (trainer.state.epoch, trainer.state.iteration) == (2, 2)
