@@ -124,9 +124,15 @@ def _check_oof(oof: pd.DataFrame, datalist: str, folds: int) -> None:
                            f"predicted by a model that trained on them {wrong}")
 
 
-def main(bundle_root: str = ".", dataset_dir: str | None = None, output_dir: str | None = None,
+def main(*verb: str, bundle_root: str = ".", dataset_dir: str | None = None, output_dir: str | None = None,
          folds: int = 4, force: bool = False, **overrides) -> None:
-    """CLI: see the module docstring. Extra ``--id value`` pairs are monai.bundle overrides."""
+    """CLI: see the module docstring. Extra ``--id value`` pairs are monai.bundle overrides.
+
+    An empty positional argument (a caller passing an empty verb) is ignored; anything else is
+    an error rather than silently taken for a parameter.
+    """
+    if any(str(v).strip() for v in verb):
+        raise SystemExit(f"unexpected positional argument(s) {list(verb)}: every option is --name value")
     if not dataset_dir or not output_dir:
         raise SystemExit("usage: python -m scripts.cross_validate --bundle_root B --dataset_dir D --output_dir O "
                          "[--folds 4] [--force] [--config#id value ...]")

@@ -188,7 +188,8 @@ def write_evaluation(predictions: str | pd.DataFrame, out_dir: str, n_boot: int 
     os.makedirs(out_dir, exist_ok=True)
     write_csv(per_class, os.path.join(out_dir, "per_class.csv"))
     write_csv(confusion(y, pred), os.path.join(out_dir, "confusion.csv"))
-    save_figure(*_roc_figure(y, p, metrics), os.path.join(out_dir, "roc.png"))
+    fig, roc = _roc_figure(y, p, metrics)
+    save_figure(fig, os.path.join(out_dir, "roc.png"), data=roc)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     return metrics
 
@@ -207,7 +208,7 @@ def _roc_figure(y, p, metrics):
             continue
         fpr, tpr, thr = roc_curve((y == k).astype(int), p[:, k])
         ax.plot(fpr, tpr, label=f"class {k} (AUC {auc:.2f})")
-        rows += [{"class": k, "fpr": a, "tpr": b, "threshold": c} for a, b, c in zip(fpr, tpr, thr)]
+        rows += [{"class": k, "fpr": a, "tpr": b, "threshold": min(c, 1.0)} for a, b, c in zip(fpr, tpr, thr)]
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     macro = metrics["macro_auc"]
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
