@@ -316,6 +316,11 @@ def _inside_liver_points(rng: np.random.Generator, plan: PatientPlan, margin_mm:
     return centres + u * inner * 0.9
 
 
+def _liver_depth(plan: PatientPlan, points: np.ndarray) -> np.ndarray:
+    """> 0 inside the liver's (unwarped) lobes, larger deeper inside."""
+    return np.max([1.0 - np.sqrt((((points - c) / r) ** 2).sum(-1)) for c, r in plan.liver_lobes], axis=0)
+
+
 def _place(rng: np.random.Generator, plan: PatientPlan, placed: list[Lesion], d_max: float, kind: str) -> np.ndarray:
     """A lesion centre in the liver that keeps lesions apart as imaged at S = 128 (separate
     connected components for mRECIST); new lesions also lie > 15 mm as imaged from every older
@@ -376,14 +381,16 @@ def _plan_lesions(rng, plan: PatientPlan, g: float, size_cat: int, n_main: int, 
     if high_risk:
         dominant = lesions[0]
         for _ in range(int(rng.integers(2, 5))):
-            direction = rng.standard_normal(3)
-            direction /= np.linalg.norm(direction)
+            directions = rng.standard_normal((PLACEMENT_TRIES, 3))
+            directions /= np.linalg.norm(directions, axis=1, keepdims=True)
             ds = rng.uniform(5.0, 9.0)
             d1s = grow(ds, ds)
             d2s = grow(d1s, ds)
-            # just outside the dominant nodule as imaged: a separate, nearby focus
+            # just outside the dominant nodule as imaged: a separate, nearby focus, in the liver
             reach = 0.5 * (max(dominant.diameter) + max(ds, d1s, d2s)) * REFERENCE_GAIN + rng.uniform(3.0, 8.0)
-            centre = dominant.centre + direction * reach
+            candidates = dominant.centre + directions * reach
+            depth = _liver_depth(plan, candidates)
+            centre = candidates[int(np.argmax(depth))]
             lesions.append(_new_lesion(rng, plan, (ds, d1s, d2s), (1.0, viable_fraction(0.5), viable_fraction(0.8)),
                                        "satellite", irregular * 0.5, centre=centre))
     # new lesions in poor-prognosis patients (intrahepatic progression)

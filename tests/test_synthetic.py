@@ -277,3 +277,12 @@ def test_mrecist_from_planned_diameters(lesions, expected, sums):
     response, got = _best_mrecist(lesions)
     assert response == expected
     np.testing.assert_allclose(got, sums, atol=1e-9)
+
+
+def test_rerun_replaces_an_earlier_synthetic_cohort(tmp_path):
+    out = tmp_path / "c"
+    make_cohort(out, n_patients=3, shape=16, seed=0, progress=False)
+    make_cohort(out, n_patients=2, shape=16, seed=0, progress=False)
+    for folder in ("images", "labels"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["HCC001", "HCC002"]
+    assert json.loads((out / "cohort.json").read_text())["n_patients"] == 2
