@@ -264,7 +264,7 @@ def _plan_patient(index: int, ss: np.random.SeedSequence) -> PatientPlan:
 
 
 def _viable(logit: float) -> float:
-    """Viable fraction from a logit; below ~7 % the lesion counts as completely necrotic."""
+    """Viable fraction from a logit; below ~3 % the lesion counts as completely necrotic."""
     return float(np.clip(VIABLE_GAIN * _sigmoid(logit) - VIABLE_FLOOR, 0.0, 1.0))
 
 
@@ -643,13 +643,16 @@ def _write_patient(plan: PatientPlan, scan_ss: np.random.SeedSequence, shape: in
         save_nifti(out / "labels" / plan.patient_id / f"{tp}.nii.gz", label, affine, dtype=np.uint8)
 
 
-def _check_args(n_patients, shape, seed) -> None:
-    if not isinstance(n_patients, (int, np.integer)) or isinstance(n_patients, bool) or n_patients < 1:
-        raise ValueError(f"n_patients: found {n_patients!r}, expected an integer >= 1")
-    if not isinstance(shape, (int, np.integer)) or isinstance(shape, bool) or shape < 16:
-        raise ValueError(f"shape: found {shape!r}, expected an integer >= 16 (in-plane matrix size)")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: found {seed!r}, expected an integer >= 0")
+def _check_args(n_patients, shape, seed, names=("n_patients", "shape", "seed")) -> None:
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(n_patients) or n_patients < 1:
+        raise ValueError(f"{names[0]}: found {n_patients!r}, expected an integer >= 1")
+    if not whole(shape) or shape < 16:
+        raise ValueError(f"{names[1]}: found {shape!r}, expected an integer >= 16 (in-plane matrix size)")
+    if not whole(seed) or seed < 0:
+        raise ValueError(f"{names[2]}: found {seed!r}, expected an integer >= 0")
 
 
 def _prepare_out(out: Path) -> None:
@@ -707,5 +710,9 @@ def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0,
 
 def synth_cli(out, patients: int = 181, shape: int = 128, seed: int = 0) -> str:
     """Write a synthetic HCC cohort: ``python -m analysis synth --out DIR --patients N --shape S --seed K``."""
-    path = make_cohort(out, n_patients=int(patients), shape=int(shape), seed=int(seed), progress=True)
+    try:
+        _check_args(patients, shape, seed, names=("--patients", "--shape", "--seed"))
+        path = make_cohort(out, n_patients=patients, shape=shape, seed=seed, progress=True)
+    except (ValueError, FileExistsError) as exc:
+        raise SystemExit(f"analysis synth: {exc}") from None
     return f"synthetic cohort: {patients} patients, shape {shape}, seed {seed} -> {path}"

@@ -187,6 +187,16 @@ def test_bad_arguments(tmp_path, kwargs, message):
         make_cohort(tmp_path / "x", progress=False, **args)
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"patients": 2.5}, "analysis synth: --patients: found 2.5, expected an integer >= 1"),
+    ({"shape": "big"}, "analysis synth: --shape: found 'big', expected an integer >= 16"),
+])
+def test_synth_cli_bad_flags_exit_with_one_line(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        synth_cli(tmp_path / "cli", **{"patients": 2, "shape": 16, "seed": 0, **flags})
+    assert not (tmp_path / "cli").exists()
+
+
 def test_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("not a cohort")
     with pytest.raises(FileExistsError, match="not empty"):
