@@ -8,7 +8,8 @@
 2. Training step (batch 2, forward + backward + AdamW): with gradient checkpointing (the
    training config's ``use_checkpoint: true``, less memory) against without it.
 
-``quick=True`` shrinks the network to feature_size 12 at 64^3 (< 1 minute on 2 CPU cores).
+``quick=True`` shrinks the network to feature_size 12, Swin depths 1, at 64^3 (about 30 s on 2
+free CPU cores).
 Weights are random: speed does not depend on them.
 """
 
@@ -32,15 +33,15 @@ def _net_class():
     return ProgSwinUNETR
 
 
-def _timed(fn, repeat: int, sync) -> float:
-    best = float("inf")
+def _timed(fn, repeat: int, sync) -> tuple[float, object]:
+    best, out = float("inf"), None
     for _ in range(repeat):
         sync()
         start = time.perf_counter()
-        fn()
+        out = fn()
         sync()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, out
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -51,23 +52,24 @@ def run(quick: bool = False) -> list[dict]:
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     feature_size, side = (12, 64) if quick else (48, 128)
-    repeat = 3 if (quick or cuda) else 2
-    settings = {"feature_size": feature_size, "input": [1, 3, side, side, side], "device": str(device),
+    depths = (1, 1, 1, 1) if quick else (2, 2, 2, 2)
+    repeat = 3 if cuda else (2 if quick else 1)  # a full-size CPU forward takes ~40 s
+    settings = {"feature_size": feature_size, "depths": list(depths), "input": [1, 3, side, side, side], "device": str(device),
                 "threads": torch.get_num_threads(), "repeat_best_of": repeat}
     torch.manual_seed(0)
-    net = Net(feature_size=feature_size).to(device).eval()
+    net = Net(feature_size=feature_size, depths=depths).to(device).eval()
     x = torch.randn(1, 3, side, side, side, device=device)
     records = []
 
     with torch.no_grad():
         net(x)  # warm-up: allocator, kernels
-        t_eager = _timed(lambda: net(x), repeat, sync)
+        t_eager, y_eager = _timed(lambda: net(x), repeat, sync)
         traced = torch.jit.freeze(torch.jit.trace(net, x, check_trace=False))
         traced = torch.jit.optimize_for_inference(traced)
         traced(x)
         traced(x)  # the profiling executor specialises on the first calls
-        t_traced = _timed(lambda: traced(x), repeat, sync)
-        diff = float((traced(x) - net(x)).abs().max())
+        t_traced, y_traced = _timed(lambda: traced(x), repeat, sync)
+        diff = float((y_traced - y_eager).abs().max())
     records.append({
         "name": "ProgSwin-UNETR inference per case", "unit": "s", "value": round(t_traced, 3),
         "baseline_name": "eager fp32 no_grad", "baseline_value": round(t_eager, 3),
@@ -78,7 +80,7 @@ def run(quick: bool = False) -> list[dict]:
     if cuda:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
             net(x)
-            t_amp = _timed(lambda: net(x), repeat, sync)
+            t_amp, _ = _timed(lambda: net(x), repeat, sync)
         records.append({
             "name": "ProgSwin-UNETR inference per case, fp16 autocast", "unit": "s", "value": round(t_amp, 3),
             "baseline_name": "eager fp32 no_grad", "baseline_value": round(t_eager, 3),
@@ -90,10 +92,10 @@ def run(quick: bool = False) -> list[dict]:
     yb = torch.tensor([0, 3], device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
     step_times = {}
-    train_repeat = 2 if (quick or cuda) else 1
+    train_repeat = 2 if cuda else 1
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = Net(feature_size=feature_size, use_checkpoint=ckpt).to(device).train()
+        model = Net(feature_size=feature_size, depths=depths, use_checkpoint=ckpt).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
         def step():
@@ -103,7 +105,7 @@ def run(quick: bool = False) -> list[dict]:
 
         if quick or cuda:
             step()  # warm-up
-        step_times[ckpt] = _timed(step, train_repeat, sync)
+        step_times[ckpt], _ = _timed(step, train_repeat, sync)
         del model, opt
     records.append({
         "name": "ProgSwin-UNETR training step (batch 2)", "unit": "s", "value": round(step_times[True], 3),

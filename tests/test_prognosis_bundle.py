@@ -284,6 +284,19 @@ def test_network_eq6_and_errors():
     with pytest.raises(ValueError, match=r"expects \(batch, 3, D, H, W\)"):
         net(torch.randn(1, 6, 64, 64, 64))
     assert ProgSwinUNETR(feature_size=12, depths=(1, 1, 1, 1), with_masks=True).in_channels == 6
+
+    # the paper's sliding-window option: with one window covering the input it equals the
+    # whole-volume scores; with several it pools the stitched dense map, (B, 4) as well
+    from scripts.inferers import PooledSlidingWindowInferer
+
+    sw = PooledSlidingWindowInferer(roi_size=(64, 64, 64), sw_batch_size=2, overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        torch.testing.assert_close(sw(x, net), scores, atol=1e-5, rtol=1e-4)
+        long_x = torch.randn(1, 3, 128, 64, 64)
+        out = sw(long_x, net)
+        dense_long = net(long_x, dense=True)
+    assert out.shape == (1, 4) and torch.isfinite(out).all() and float(out.min()) >= 0
+    assert not torch.allclose(out, dense_long.mean(dim=(2, 3, 4)), atol=1e-6)  # windows lack global context
     with pytest.raises(ValueError, match="multiple of 12"):
         ProgSwinUNETR(feature_size=16)
 
