@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[dict]:
         model = Net(feature_size=feature_size, depths=depths, use_checkpoint=ckpt).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
-        def step():
+        def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).backward()
             opt.step()

@@ -10,7 +10,6 @@ seconds each. Bundle code is imported from the bundle folder (``scripts`` packag
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -65,7 +64,7 @@ def _bundle_run(configs: list[str], overrides: dict, timeout: int = 1200) -> sub
     files = [f"configs/{c}" for c in configs]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            json.dumps(files) if len(files) > 1 else files[0], *_args(overrides)]
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, cwd=BUNDLE, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -109,7 +108,7 @@ def cv(cohort, tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "scripts.cross_validate", "--bundle_root", str(BUNDLE),
            "--dataset_dir", str(cohort["dir"]), "--output_dir", str(out), "--folds", "4",
            "--datalist", cohort["datalist"], *_args(TINY_TRAIN)]
-    proc = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True, timeout=2400)
+    proc = subprocess.run(cmd, check=False, cwd=out, env=_env(), capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "cmd": cmd, "log": proc.stdout + proc.stderr, **cohort}
 
@@ -330,7 +329,7 @@ def test_cross_validation_resumes_without_retraining(cv):
     """A second run reuses every fold's best model (newer than the datalist) and only predicts."""
     model0 = cv["out"] / "models" / "fold0" / "model.pt"
     before = model0.stat().st_mtime_ns
-    proc = subprocess.run(cv["cmd"], cwd=cv["out"], env=_env(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cv["cmd"], check=False, cwd=cv["out"], env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert model0.stat().st_mtime_ns == before
     assert (proc.stdout + proc.stderr).count("reusing it") == 4
@@ -438,7 +437,7 @@ def test_torchrun_two_cpu_processes(cohort, tmp_path):
     env = _env()
     env["OMP_NUM_THREADS"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, check=False, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "models" / "fold0" / "model.pt").exists()
     assert (tmp_path / "models" / "fold0" / "checkpoint_epoch=1.pt").exists()

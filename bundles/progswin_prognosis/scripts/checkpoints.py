@@ -6,7 +6,7 @@ import copy
 import glob
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

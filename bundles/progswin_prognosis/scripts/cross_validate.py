@@ -81,9 +81,9 @@ def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: i
     if not os.path.isfile(datalist):
         raise FileNotFoundError(f"prognosis datalist not found: {datalist}")
     train_over, infer_over = _split_overrides(overrides, os.path.join(configs, "inference.json"))
-    common = dict(bundle_root=bundle_root, dataset_dir=dataset_dir, datalist=datalist, ckpt_dir=ckpt_dir,
-                  meta_file=os.path.join(configs, "metadata.json"),
-                  logging_file=os.path.join(configs, "logging.conf"))
+    common = {"bundle_root": bundle_root, "dataset_dir": dataset_dir, "datalist": datalist, "ckpt_dir": ckpt_dir,
+              "meta_file": os.path.join(configs, "metadata.json"),
+              "logging_file": os.path.join(configs, "logging.conf")}
     frames = []
     for k in range(int(folds)):
         ckpt = best_model_path(ckpt_dir, k)

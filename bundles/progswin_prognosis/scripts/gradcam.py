@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ def representative_patients(oof_csv: str) -> list[str]:
     for k in sorted(frame["pred_class"].unique()):
         rows = frame[frame["pred_class"] == k]
         chosen.append(str(rows.loc[rows[f"prob_{k}"].idxmax(), "patient_id"]))
-    missing = sorted(set(range(4)) - set(int(k) for k in frame["pred_class"].unique()))
+    missing = sorted(set(range(4)) - {int(k) for k in frame["pred_class"].unique()})
     if missing:
         log.info("Grad-CAM++: no patient predicted as class(es) %s in %s", missing, oof_csv)
     return chosen

@@ -6,7 +6,8 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _atomic(path: str, write: Callable[[str], None]) -> str:

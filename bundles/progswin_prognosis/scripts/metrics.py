@@ -151,7 +151,7 @@ def evaluate(y_true, y_prob, n_boot: int = N_BOOT, seed: int = 0) -> dict:
         "macro_auc": m if np.isfinite(m) else None,
         "macro_auc_ci": percentile_ci(macro_b) if np.isfinite(m) else None,
         "accuracy": accuracy(y, p),
-        "n": int(len(y)),
+        "n": len(y),
         "n_boot": int(n_boot),
     }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.transforms import MapTransform
