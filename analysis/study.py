@@ -38,13 +38,15 @@ PROFILES: dict[str, dict] = {
     "demo": {
         "patients": 16, "shape": 64, "seed": 0, "folds": 4,
         "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 2, "prog_epochs": 2,
-        "seg_spacing_mm": [3.0, 3.0, 5.0], "sw_batch_size": 1, "num_workers": 0,
+        "seg_num_samples": 1, "seg_val_interval": 1, "grad_checkpointing": False, "sw_batch_size": 1,
+        "num_workers": 0,
         "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
     },
     "paper": {
         "patients": 181, "shape": 128, "seed": 0, "folds": 4,
         "feature_size": 48, "net_size": 128, "seg_roi": 96, "seg_epochs": 300, "prog_epochs": 160,
-        "seg_spacing_mm": [1.5, 1.5, 2.0], "sw_batch_size": 4, "num_workers": 4,
+        "seg_num_samples": 2, "seg_val_interval": 5, "grad_checkpointing": True, "sw_batch_size": 4,
+        "num_workers": 4,
         "radiomics_jobs": os.cpu_count() or 2, "bootstrap": 2000, "cox_penalizer": 0.0, "device": "auto",
     },
 }
@@ -180,7 +182,9 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
         "ckpt_dir": str(models), "output_dir": str(staging / "eval"),
         "max_epochs": s["seg_epochs"], "feature_size": s["feature_size"], "roi_size": [s["seg_roi"]] * 3,
-        "device": _device(s),
+        "device": _device(s), "num_samples": s["seg_num_samples"], "val_interval": s["seg_val_interval"],
+        "use_checkpoint": s["grad_checkpointing"], "num_workers": s["num_workers"],
+        "sw_batch_size": s["sw_batch_size"],
     }
     bar.reset(total=2)
     run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
@@ -211,7 +215,8 @@ def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
         "ckpt_dir": str(ctx.path("segmentation", "models")), "output_dir": str(staging),
         "data_root_dir": str(ctx.cohort / "images"), "feature_size": s["feature_size"],
-        "roi_size": [s["seg_roi"]] * 3, "device": _device(s),
+        "roi_size": [s["seg_roi"]] * 3, "device": _device(s), "num_workers": s["num_workers"],
+        "sw_batch_size": s["sw_batch_size"],
     }
     bar.reset(total=1)
     run_bundle(ctx.seg_bundle, ["inference.json"], overrides, staging / "inference.log", bar)
@@ -448,7 +453,8 @@ def build_stages(ctx: StudyContext) -> list[Stage]:
         Stage("segmentation", "segmentation", _segmentation,
               inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels", *bundle_code(c.seg_bundle),
                                 *( [c.seg_weights] if c.seg_weights else [])],
-              settings=lambda c: S(**{k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed")})),
+              settings=lambda c: S(**{k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed",
+                                                                  "seg_num_samples", "grad_checkpointing")})),
         Stage("segmentation_inference", "segmentation_inference", _segmentation_inference,
               inputs=lambda c: [c.path("segmentation", "models"), c.path("datalists", "segmentation.json"),
                                 c.cohort / "images", *bundle_code(c.seg_bundle)],
