@@ -297,12 +297,19 @@ def design_splits(y: pd.Series, design: str, seed: int = 0) -> list[tuple[np.nda
     idx = np.arange(len(y))
     if design == "cv4":
         _stratify_ok(y, 4)
-        skf = StratifiedKFold(4, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "least populated class" — logged above
-            return list(skf.split(idx, y))
+        # the same patient-level stratified folds as the prognosis datalist (one implementation,
+        # which also copes with cohorts where no class can fill every fold)
+        from analysis.datalists import assign_folds
+
+        folds = assign_folds(pd.Series(np.asarray(y)), folds=4, seed=seed).to_numpy()
+        return [(idx[folds != k], idx[folds == k]) for k in range(4)]
     if design == "split75":
         strat = y if _stratify_ok(y, 2) else None
+        n_test = int(np.ceil(0.25 * len(y)))
+        if strat is not None and n_test < y.nunique():
+            log.warning("split75: a test set of %d patient(s) cannot hold all %d classes; split not stratified",
+                        n_test, y.nunique())
+            strat = None
         tr, te = train_test_split(idx, test_size=0.25, stratify=strat, random_state=seed)
         return [(np.sort(tr), np.sort(te))]
     raise ValueError(f"--design {design!r}; expected one of cv4, split75, both")

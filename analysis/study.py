@@ -56,7 +56,7 @@ PAPER = {
     "segmentation Dice (Eq. 2)": 0.83,
     "ProgSwin-UNETR macro AUC": 0.92,
     "ProgSwin-UNETR accuracy": 0.86,
-    "best radiomics macro AUC (naive Bayes)": 0.76,
+    "best radiomics macro AUC": "0.76 (naive Bayes)",
     "KM log-rank p, ProgSwin, all": "<0.005",
     "KM log-rank p, mRECIST, all": 0.01,
     "Cox C-index": 0.81,
@@ -266,7 +266,31 @@ def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
     if not metrics_path.exists():
         raise StageFailure(f"cross-validation finished without {metrics_path}")
     metrics = json.loads(metrics_path.read_text())
+    _predict_unlabelled(ctx, staging, overrides)
     return {"macro_auc": metrics.get("macro_auc"), "accuracy": metrics.get("accuracy")}
+
+
+def _predict_unlabelled(ctx: StudyContext, staging: Path, overrides: dict) -> None:
+    """all_predictions.csv: out-of-fold rows plus the fold ensemble's for patients with no class.
+
+    Patients censored before 36 months have no label, so no out-of-fold prediction; Kaplan-Meier
+    and Cox over the whole cohort still need their predicted group (the paper predicts every
+    patient). The ensemble of the fold models never saw them, so this is no leak.
+    """
+    oof = pd.read_csv(staging / "oof_predictions.csv", dtype={"patient_id": str})
+    datalist = json.loads(ctx.path("datalists", "prognosis.json").read_text())
+    frames = [oof.assign(source="out-of-fold")]
+    if datalist.get("unlabelled"):
+        run_bundle(ctx.prog_bundle, ["inference.json", "inference_ensemble.json"],
+                   {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
+                    "ckpt_dir": str(staging / "models"), "output_dir": str(staging / "unlabelled"),
+                    "infer_sections": ["unlabelled"], "ensemble_folds": list(range(ctx.settings["folds"])),
+                    "feature_size": overrides["feature_size"], "spatial_size": overrides["spatial_size"],
+                    "device": overrides["device"], "num_workers": overrides["num_workers"]},
+                   staging / "unlabelled.log")
+        extra = pd.read_csv(staging / "unlabelled" / "predictions.csv", dtype={"patient_id": str})
+        frames.append(extra.assign(source="fold ensemble (no class: censored before 36 months)"))
+    io.write_csv(staging / "all_predictions.csv", pd.concat(frames, ignore_index=True))
 
 
 def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
@@ -320,9 +344,13 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
     """One row per patient: the three methods' groups for Kaplan-Meier and the Cox table."""
     clinical = read_clinical(ctx.clinical)
     frame = clinical[["patient_id"]].copy()
-    mrecist = pd.read_csv(ctx.path("mrecist", "mrecist.csv"))
-    frame = frame.merge(mrecist[["patient_id", "best_response"]].rename(columns={"best_response": "mrecist"}),
-                        on="patient_id", how="left")
+    mrecist = pd.read_csv(ctx.path("mrecist", "mrecist.csv"), dtype={"patient_id": str})
+    auto = mrecist.set_index("patient_id")["best_response"]
+    # the cohort's own mRECIST (its radiologists' reading) where given, else the automatic one
+    given = clinical.set_index("patient_id")["mrecist"] if "mrecist" in clinical else pd.Series(dtype=object)
+    frame["mrecist"] = [given.get(pid) if pd.notna(given.get(pid)) and given.get(pid) != "NA" else auto.get(pid)
+                        for pid in frame["patient_id"]]
+    frame["mrecist"] = frame["mrecist"].replace({"NA": None})
     rad = ctx.path("classify", "radiomic_score.csv")
     if rad.exists():
         r = pd.read_csv(rad)
@@ -340,12 +368,11 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
 def _km(ctx: StudyContext, staging: Path, bar) -> dict:
     from analysis.survival import km_grid
 
-    groups = _risk_groups(ctx)
-    io.write_csv(staging / "tables" / "risk_groups.csv", groups)
-    clinical = read_clinical(ctx.clinical)
+    table = _cox_table(ctx)
+    io.write_csv(staging / "tables" / "risk_groups.csv", _risk_groups(ctx))
     methods = [(name, col) for name, col in (("mRECIST", "mrecist"), ("radiomics model", "radiomics_class"),
-                                               ("ProgSwin-UNETR", "dl_class")) if col in groups]
-    km_grid(clinical.merge(groups, on="patient_id", how="left"), methods=methods, by="treatment", out=staging)
+                                               ("ProgSwin-UNETR", "dl_class")) if col in table]
+    km_grid(table, methods=methods, by="treatment", out=staging)
     bar.update(1)
     logrank = pd.read_csv(staging / "tables" / "logrank.csv")
     return {f"p {r.method} / {r.subgroup}": (None if pd.isna(r.p_value) else round(float(r.p_value), 4))
@@ -353,9 +380,8 @@ def _km(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def _cox_table(ctx: StudyContext) -> pd.DataFrame:
-    clinical = read_clinical(ctx.clinical)
-    table = clinical.merge(_risk_groups(ctx), on="patient_id", how="left")
-    return table
+    clinical = read_clinical(ctx.clinical).drop(columns=["mrecist"], errors="ignore")
+    return clinical.merge(_risk_groups(ctx), on="patient_id", how="left")
 
 
 def _cox(ctx: StudyContext, staging: Path, bar) -> dict:
@@ -403,12 +429,20 @@ def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
 
     table = _cox_table(ctx)
     covariates, categorical = _cox_covariates(table)
-    from analysis.survival import CoxConvergenceError
+    from analysis.survival import CoxConvergenceError, SurvivalInputError
 
     penalizer = ctx.settings["cox_penalizer"]
     try:
-        nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-                 penalizer=penalizer, out=staging)
+        try:
+            nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                     penalizer=penalizer, out=staging)
+        except SurvivalInputError as exc:
+            if "no covariate has p" not in str(exc):
+                raise
+            # Appendix 11 draws the nomogram on all six variables; use them when none is significant
+            log.warning("nomogram: %s; using the paper's Appendix 11 variables %s", exc, covariates)
+            nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                     penalizer=penalizer, variables=covariates, out=staging)
     except CoxConvergenceError as exc:
         if penalizer >= 0.1:
             raise
@@ -563,15 +597,21 @@ def format_summary(results: list[StageResult], summary: dict) -> str:
                                            if "combined" in k or "eq2" in k.lower()), None),
         "ProgSwin-UNETR macro AUC": by_name.get("prognosis", {}).get("macro_auc"),
         "ProgSwin-UNETR accuracy": by_name.get("prognosis", {}).get("accuracy"),
-        "best radiomics macro AUC (naive Bayes)": by_name.get("classify", {}).get("best_macro_auc"),
+        "best radiomics macro AUC": _best_radiomics(by_name.get("classify", {})),
         "KM log-rank p, ProgSwin, all": by_name.get("km", {}).get("p ProgSwin-UNETR / all"),
         "KM log-rank p, mRECIST, all": by_name.get("km", {}).get("p mRECIST / all"),
         "Cox C-index": by_name.get("cox", {}).get("concordance"),
     }
-    lines += ["", "headline".ljust(42) + "paper      this run" + (" (synthetic)" if summary["synthetic"] else "")]
+    lines += ["", "headline".ljust(42) + "paper".ljust(20) + "this run" + (" (synthetic)" if summary["synthetic"] else "")]
     for k, v in PAPER.items():
-        lines.append(f"{k.ljust(42)}{str(v).ljust(11)}{_fmt(ours.get(k))}")
+        lines.append(f"{k.ljust(42)}{str(v).ljust(20)}{_fmt(ours.get(k))}")
     return "\n".join(lines)
+
+
+def _best_radiomics(headline: dict) -> str | None:
+    if headline.get("best_macro_auc") is None:
+        return None
+    return f"{headline['best_macro_auc']:.3g} ({headline.get('best_model', '?').replace('_', ' ')})"
 
 
 def _fmt(v) -> str:
