@@ -38,14 +38,16 @@ PROFILES: dict[str, dict] = {
     "demo": {
         "patients": 16, "shape": 64, "seed": 0, "folds": 4,
         "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 2, "prog_epochs": 2,
-        "seg_num_samples": 1, "seg_val_interval": 1, "grad_checkpointing": False, "sw_batch_size": 1,
+        "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
+        "grad_checkpointing": False, "sw_batch_size": 1,
         "num_workers": 0,
         "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
     },
     "paper": {
         "patients": 181, "shape": 128, "seed": 0, "folds": 4,
         "feature_size": 48, "net_size": 128, "seg_roi": 96, "seg_epochs": 300, "prog_epochs": 160,
-        "seg_num_samples": 2, "seg_val_interval": 5, "grad_checkpointing": True, "sw_batch_size": 4,
+        "seg_spacing_mm": [1.5, 1.5, 2.5], "seg_num_samples": 2, "seg_val_interval": 5,
+        "grad_checkpointing": True, "sw_batch_size": 4,
         "num_workers": 4,
         "radiomics_jobs": os.cpu_count() or 2, "bootstrap": 2000, "cox_penalizer": 0.0, "device": "auto",
     },
@@ -184,7 +186,7 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
         "max_epochs": s["seg_epochs"], "feature_size": s["feature_size"], "roi_size": [s["seg_roi"]] * 3,
         "device": _device(s), "num_samples": s["seg_num_samples"], "val_interval": s["seg_val_interval"],
         "use_checkpoint": s["grad_checkpointing"], "num_workers": s["num_workers"],
-        "sw_batch_size": s["sw_batch_size"],
+        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"],
     }
     bar.reset(total=2)
     run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
@@ -216,7 +218,7 @@ def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
         "ckpt_dir": str(ctx.path("segmentation", "models")), "output_dir": str(staging),
         "data_root_dir": str(ctx.cohort / "images"), "feature_size": s["feature_size"],
         "roi_size": [s["seg_roi"]] * 3, "device": _device(s), "num_workers": s["num_workers"],
-        "sw_batch_size": s["sw_batch_size"],
+        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"],
     }
     bar.reset(total=1)
     run_bundle(ctx.seg_bundle, ["inference.json"], overrides, staging / "inference.log", bar)
@@ -488,11 +490,13 @@ def build_stages(ctx: StudyContext) -> list[Stage]:
               inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels", *bundle_code(c.seg_bundle),
                                 *( [c.seg_weights] if c.seg_weights else [])],
               settings=lambda c: S(**{k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed",
-                                                                  "seg_num_samples", "grad_checkpointing")})),
+                                                                  "seg_num_samples", "grad_checkpointing",
+                                                                  "seg_spacing_mm")})),
         Stage("segmentation_inference", "segmentation_inference", _segmentation_inference,
               inputs=lambda c: [c.path("segmentation", "models"), c.path("datalists", "segmentation.json"),
                                 c.cohort / "images", *bundle_code(c.seg_bundle)],
-              settings=lambda c: S(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"])),
+              settings=lambda c: S(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"],
+                                   spacing=c.settings["seg_spacing_mm"])),
         Stage("masks", "masks", _masks,
               inputs=lambda c: [c.path("segmentation_inference"), c.cohort / "labels", c.clinical],
               settings=lambda c: S(masks_source=c.masks_source)),
