@@ -1,6 +1,6 @@
 """The whole study on a tiny synthetic cohort: outputs, resume, change propagation, kill, bad input.
 
-One tiny study (8 patients, 2 folds, 64^3 network input, feature_size 12, one epoch) is run once per
+One tiny study (10 patients, 2 folds, 64^3 network input, feature_size 12, one epoch) is run once per
 session; the tests that change things work on copies of its output folder.
 """
 
@@ -24,7 +24,7 @@ from analysis.study import STAGE_NAMES, run_study
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(patients=8, shape=64, net_size=64, seg_roi=64, feature_size=12, seg_epochs=1, prog_epochs=1, folds=2,
+TINY = dict(patients=10, shape=64, net_size=64, seg_roi=64, feature_size=12, seg_epochs=1, prog_epochs=1, folds=2,
             bootstrap=200, radiomics_jobs=2)
 TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 REPO = Path(__file__).resolve().parents[1]
