@@ -14,7 +14,6 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd

@@ -479,8 +479,7 @@ def _report(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def build_stages(ctx: StudyContext) -> list[Stage]:
-    c = ctx
-    S = lambda **kw: kw  # noqa: E731 - settings literal
+    S = dict  # settings literal
     stages = [
         Stage("validate", "validation", _validate, inputs=lambda c: [c.cohort],
               description="schema + image checks"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
 import subprocess
 import sys
@@ -206,14 +205,14 @@ def test_acceptance_cli_exits_2_one_line_per_problem_and_writes_nothing(cohort):
                           capture_output=True, text=True, timeout=120)
     after = sorted((p, p.stat().st_mtime_ns) for p in cohort.rglob("*"))
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if ": found " in l]
+    lines = [line for line in proc.stderr.splitlines() if ": found " in line]
     assert len(lines) == 6, proc.stderr
-    assert any(str(p1) in l and "unreadable" in l for l in lines)
-    assert any(str(p2) in l and "value(s) 3" in l for l in lines)
-    assert any(str(p3) in l and "affine" in l for l in lines)
-    assert any(str(p4) in l and "non-finite" in l for l in lines)
-    assert any("time point t2: found missing" in l for l in lines)
-    assert any(f"patient_id {ids[5]}): field 'age': found 'abc'" in l for l in lines)
+    assert any(str(p1) in line and "unreadable" in line for line in lines)
+    assert any(str(p2) in line and "value(s) 3" in line for line in lines)
+    assert any(str(p3) in line and "affine" in line for line in lines)
+    assert any(str(p4) in line and "non-finite" in line for line in lines)
+    assert any("time point t2: found missing" in line for line in lines)
+    assert any(f"patient_id {ids[5]}): field 'age': found 'abc'" in line for line in lines)
     assert before == after, "validate must write nothing"
 
 
