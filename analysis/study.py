@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 #: for a GPU site.
 PROFILES: dict[str, dict] = {
     "demo": {
-        "patients": 16, "shape": 64, "seed": 0, "folds": 4,
-        "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 2, "prog_epochs": 2,
+        "patients": 12, "shape": 64, "seed": 0, "folds": 4,
+        "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 1, "prog_epochs": 2,
         "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
         "grad_checkpointing": False, "sw_batch_size": 1,
         "num_workers": 0,
