@@ -117,7 +117,7 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
                module: str = "monai.bundle", verb: str = "run") -> None:
     """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to ``log_file``."""
     config_files = [str(bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", module, verb]
+    cmd = [sys.executable, "-m", module] + ([verb] if verb else [])
     if module == "monai.bundle":
         cmd += ["--config_file", json.dumps(config_files) if len(config_files) > 1 else config_files[0],
                 "--bundle_root", str(bundle), "--meta_file", str(bundle / "configs" / "metadata.json"),
