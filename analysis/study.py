@@ -420,8 +420,16 @@ def _fit_cox_or_penalise(table: pd.DataFrame, covariates: list[str], categorical
 
 def _cox_covariates(table: pd.DataFrame) -> tuple[list[str], list[str]]:
     """The paper's multivariable model: DL class, age, sex, sorafenib, mRECIST, radiomic score."""
-    covariates = [c for c in ("dl_class", "age", "sex", "sorafenib", "mrecist", "radiomic_score")
-                  if c in table and table[c].notna().any()]
+    covariates = []
+    for c in ("dl_class", "age", "sex", "sorafenib", "mrecist", "radiomic_score"):
+        if c not in table or table[c].notna().sum() == 0:
+            log.warning("Cox/nomogram: covariate %s left out: no values", c)
+        elif table[c].nunique(dropna=True) < 2:
+            # e.g. an undertrained network predicting one class for everyone: no contrast to estimate
+            log.warning("Cox/nomogram: covariate %s left out: one value (%s) for every patient", c,
+                        table[c].dropna().iloc[0])
+        else:
+            covariates.append(c)
     categorical = [c for c in ("dl_class", "sex", "mrecist") if c in covariates]
     return covariates, categorical
 
