@@ -133,7 +133,8 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
         fh.flush()
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(bundle.parent))
     if proc.returncode != 0:
-        tail = "".join(open(log_file).readlines()[-25:])
+        with open(log_file) as fh:
+            tail = "".join(fh.readlines()[-25:])
         raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {proc.returncode}; "
                            f"log {log_file}; last lines:\n{tail}")
     if bar is not None:
@@ -195,14 +196,12 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def _seg_metrics(eval_dir: Path) -> dict:
-    """Headline Dice numbers from the bundle's evaluation CSV (whatever of them exist)."""
-    for name in ("metrics_summary.csv", "summary.csv", "metrics.csv"):
-        p = eval_dir / name
-        if p.exists():
-            frame = pd.read_csv(p)
-            numeric = frame.select_dtypes("number")
-            return {c: round(float(numeric[c].mean()), 4) for c in numeric.columns if "dice" in c.lower()}
-    return {}
+    """Headline Dice numbers from the bundle's evaluation summary."""
+    path = eval_dir / "metrics_summary.csv"  # what hcc_liver_seg's evaluate.json writes
+    if not path.exists():
+        return {}
+    numeric = pd.read_csv(path).select_dtypes("number")
+    return {c: round(float(numeric[c].mean()), 4) for c in numeric.columns if "dice" in c.lower()}
 
 
 def _device(settings: dict) -> str:
@@ -370,8 +369,9 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
 def _km(ctx: StudyContext, staging: Path, bar) -> dict:
     from analysis.survival import km_grid
 
-    table = _cox_table(ctx)
-    io.write_csv(staging / "tables" / "risk_groups.csv", _risk_groups(ctx))
+    groups = _risk_groups(ctx)
+    table = _cox_table(ctx, groups)
+    io.write_csv(staging / "tables" / "risk_groups.csv", groups)
     methods = [(name, col) for name, col in (("mRECIST", "mrecist"), ("radiomics model", "radiomics_class"),
                                                ("ProgSwin-UNETR", "dl_class")) if col in table]
     km_grid(table, methods=methods, by="treatment", out=staging)
@@ -381,9 +381,10 @@ def _km(ctx: StudyContext, staging: Path, bar) -> dict:
             for r in logrank.itertuples()}
 
 
-def _cox_table(ctx: StudyContext) -> pd.DataFrame:
+def _cox_table(ctx: StudyContext, groups: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Clinical table joined with the three methods' groups (the resolved mRECIST replaces the column)."""
     clinical = read_clinical(ctx.clinical).drop(columns=["mrecist"], errors="ignore")
-    return clinical.merge(_risk_groups(ctx), on="patient_id", how="left")
+    return clinical.merge(_risk_groups(ctx) if groups is None else groups, on="patient_id", how="left")
 
 
 def _cox(ctx: StudyContext, staging: Path, bar) -> dict:
