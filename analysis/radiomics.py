@@ -298,7 +298,11 @@ def extract_all(cohort: str | Path, masks: str | Path, timepoint: str = "t1", ro
             threads = max(1, (os.cpu_count() or 1) // jobs)
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
                                                            initargs=(threads,)))
-            futures = {pool.submit(extract_patient, t): t["patient_id"] for t in tasks}
+            # largest first (longest-processing-time scheduling): a big ROI left to the end would
+            # keep one worker busy while the other idles. The label file's size is a free proxy
+            # for the ROI's extent (more label boundary compresses worse).
+            by_cost = sorted(tasks, key=lambda t: -Path(t["mask"]).stat().st_size)
+            futures = {pool.submit(extract_patient, t): t["patient_id"] for t in by_cost}
             for fut in as_completed(futures):
                 try:
                     results.append(fut.result())
