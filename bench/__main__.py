@@ -47,14 +47,16 @@ def hardware() -> dict:
 def to_markdown(results: list[dict], hw: dict) -> str:
     lines = [f"# Benchmarks ({time.strftime('%Y-%m-%d')})", "",
              "Hardware: " + ", ".join(f"{k} {v}" for k, v in hw.items() if v is not None), "",
-             "| benchmark | value | unit | baseline | baseline value | ratio | device | settings |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Rows of topics not rerun in the latest run (`--only`) keep their own date; their hardware "
+             "is stored with them in the JSON file.", "",
+             "| benchmark | value | unit | baseline | baseline value | ratio | device | date | settings |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ratio = r.get("ratio")
-        lines.append("| {name} | {value} | {unit} | {baseline_name} | {baseline_value} | {ratio} | {device} | {settings} |".format(
+        lines.append("| {name} | {value} | {unit} | {baseline_name} | {baseline_value} | {ratio} | {device} | {date} | {settings} |".format(
             name=r.get("name"), value=_f(r.get("value")), unit=r.get("unit", ""),
             baseline_name=r.get("baseline_name") or "-", baseline_value=_f(r.get("baseline_value")),
-            ratio=_f(ratio), device=r.get("device", "cpu"),
+            ratio=_f(ratio), device=r.get("device", "cpu"), date=str(r.get("date", "-"))[:10],
             settings=json.dumps(r.get("settings", {}), sort_keys=True).replace("|", "/")))
     gpu = [r for r in results if str(r.get("device", "cpu")).startswith("cuda")]
     lines += ["", "## GPU", ""]
@@ -96,15 +98,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {r['name']}: {_f(r.get('value'))} {r.get('unit', '')} (ratio {_f(r.get('ratio'))})", flush=True)
         results.extend(records)
     out = Path(args.out)
-    payload = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick, "hardware": hw,
-               "results": results, "errors": errors}
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    target = out / ("results_quick.json" if args.quick else "results.json")
+    today = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for r in results:
+        r.setdefault("date", today)
+    # --only reruns some topics: the other topics' last results stay, each with its own date and
+    # hardware, so one file always holds the latest figure of every benchmark
+    kept = [r for r in _previous(target) if r.get("topic") not in topics]
+    for r in kept:
+        r.setdefault("hardware", _previous_hardware(target))
+    payload = {"date": today, "quick": args.quick, "hardware": hw, "results": kept + results, "errors": errors}
     from analysis import io
 
-    io.write_json(out / ("results_quick.json" if args.quick else "results.json"), payload)
-    io.write_text(out / ("results_quick.md" if args.quick else "results.md"), to_markdown(results, hw))
-    print(f"wrote {out / ('results_quick.json' if args.quick else 'results.json')}")
+    io.write_json(target, payload)
+    io.write_text(target.with_suffix(".md"), to_markdown(kept + results, hw))
+    print(f"wrote {target}")
     return 1 if errors else 0
+
+
+def _previous(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text()).get("results", []))
+    except (OSError, ValueError):
+        return []
+
+
+def _previous_hardware(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()).get("hardware")
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

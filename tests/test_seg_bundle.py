@@ -149,10 +149,10 @@ def test_evaluate_writes_per_case_and_summary(trained, data):
     assert (out / "mlruns.db").is_file() and list(out.glob("config_*.json"))
     per_case = pd.read_csv(out / "per_case.csv")
     summary = pd.read_csv(out / "metrics_summary.csv")
-    metrics = ["dice_eq2", "dice_liver", "dice_tumour", "hd95_mm_liver", "hd95_mm_tumour"]
+    metrics = ["dice_eq2", "dice_liver", "dice_tumour", "dice_whole_liver", "hd95_mm_liver", "hd95_mm_tumour"]
     assert list(per_case.columns) == ["image", "patient_id", "timepoint", *metrics]
     assert len(per_case) == 1 and summary["n_cases"].tolist() == [1]
-    for m in ("dice_eq2", "dice_liver", "dice_tumour"):
+    for m in ("dice_eq2", "dice_liver", "dice_tumour", "dice_whole_liver"):
         assert 0.0 <= summary[m].iloc[0] <= 1.0
         assert summary[m].iloc[0] == pytest.approx(per_case[m].iloc[0], rel=1e-4)
     # Eq. 2 pools voxels: it lies between the two class Dice values
@@ -385,6 +385,32 @@ def test_combined_dice_eq2_and_hd95_mm_reference_values():
     h = HD95mmMetric(spacing=[2.5, 1.0, 1.0], include_background=False, reduction="mean")
     h(onehot(a), onehot(b))
     assert float(h.aggregate()) == pytest.approx(2.5)
+
+
+def test_whole_liver_dice_of_evaluate_config_pools_liver_and_tumour():
+    """evaluate.json's dice_whole_liver (labels 1 and 2 as one organ, the mask the prognosis model
+    multiplies with): a tumour voxel predicted as liver counts as a hit there, a miss in dice_liver."""
+    from monai.bundle import ConfigParser
+    from monai.metrics import DiceMetric
+
+    cfg = json.loads((CONFIGS / "evaluate.json").read_text())
+    transform = ConfigParser(cfg["validate#additional_metrics"]).get_parsed_content(
+        "val_dice_whole_liver#output_transform")
+
+    def onehot(lab):
+        return torch.nn.functional.one_hot(torch.as_tensor(lab), 3).permute(3, 0, 1, 2).float()
+
+    p = np.zeros((4, 4, 4), int)
+    g = np.zeros((4, 4, 4), int)
+    g[0, :2, :4] = 1          # liver 8
+    g[1, 0, :2] = 2           # tumour 2: organ |G| = 10
+    p[0, :2, :3] = 1          # 6 liver hits
+    p[1, 0, :2] = 1           # the tumour called liver: 2 organ hits
+    p[3, 3, 3] = 2            # 1 false tumour voxel outside: organ |P| = 9
+    preds, labels = transform([{"pred": onehot(p), "label": onehot(g)}])
+    dice = DiceMetric(include_background=True)
+    dice(torch.stack(preds), torch.stack(labels))
+    assert float(dice.aggregate()) == pytest.approx(2 * 8 / (9 + 10))
 
 
 # ----------------------------------------------------------------------------- Model Zoo checks
