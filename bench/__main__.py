@@ -56,7 +56,7 @@ def to_markdown(results: list[dict], hw: dict) -> str:
         lines.append("| {name} | {value} | {unit} | {baseline_name} | {baseline_value} | {ratio} | {device} | {date} | {settings} |".format(
             name=r.get("name"), value=_f(r.get("value")), unit=r.get("unit", ""),
             baseline_name=r.get("baseline_name") or "-", baseline_value=_f(r.get("baseline_value")),
-            ratio=_f(ratio), device=r.get("device", "cpu"), date=str(r.get("date", "-"))[:10],
+            ratio=_f(ratio), device=r.get("device", "cpu"), date=str(r.get("date", "-"))[:16],
             settings=json.dumps(r.get("settings", {}), sort_keys=True).replace("|", "/")))
     gpu = [r for r in results if str(r.get("device", "cpu")).startswith("cuda")]
     lines += ["", "## GPU", ""]
@@ -118,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _previous(path: Path) -> list[dict]:
     try:
-        return list(json.loads(path.read_text()).get("results", []))
+        payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
+    records = list(payload.get("results", []))
+    for r in records:
+        r.setdefault("date", payload.get("date"))
+    return records
 
 
 def _previous_hardware(path: Path) -> dict | None:
