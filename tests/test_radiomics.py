@@ -145,6 +145,43 @@ def test_parallel_run_same_columns_every_patient(cohort, tmp_path):
             (cohort / sub / "P006").rmdir()
 
 
+def test_pool_takes_largest_roi_first_and_returns_input_order(tmp_path, monkeypatch):
+    """Longest-first scheduling: submission follows the label file's size (descending); the
+    tables still follow the patients' order."""
+    from concurrent.futures import Future
+
+    for pid, seed in (("P020", 0), ("P021", 6), ("P022", 3)):  # tumours of different sizes
+        _patient(tmp_path, pid, seed)
+    sizes = {pid: (tmp_path / "masks" / pid / "t1.nii.gz").stat().st_size for pid in ("P020", "P021", "P022")}
+    assert len(set(sizes.values())) == 3 and sorted(sizes, key=lambda p: -sizes[p]) != ["P020", "P021", "P022"]
+    submitted = []
+
+    class SerialPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, task):
+            submitted.append(task["patient_id"])
+            fut = Future()
+            fut.set_result({"patient_id": task["patient_id"], "features": {"f": float(len(submitted))},
+                            "diagnostics": {}, "error": None, "cache_hit": False})
+            return fut
+
+    monkeypatch.setattr(R, "ProcessPoolExecutor", SerialPool)
+    res = R.extract_all(tmp_path, tmp_path / "masks", "t1", "tumour", jobs=2, progress=False,
+                        patients=["P020", "P021", "P022"])
+    assert submitted == sorted(sizes, key=lambda p: -sizes[p])
+    assert res.features["patient_id"].tolist() == ["P020", "P021", "P022"]
+    assert res.features.set_index("patient_id")["f"].to_dict() == {
+        p: float(submitted.index(p) + 1) for p in ("P020", "P021", "P022")}
+
+
 def test_geometry_mismatch_names_patient(tmp_path):
     shifted = AFFINE.copy()
     shifted[0, 3] += 0.5  # origin 0.5 mm off
