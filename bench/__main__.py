@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for results.json/.md")
     args = parser.parse_args(argv)
     topics = [t for t in (args.only.split(",") if args.only else TOPICS) if t]
+    unknown = sorted(set(topics) - set(TOPICS))
+    if unknown:
+        parser.error(f"--only: unknown topic(s) {', '.join(unknown)}; expected some of {', '.join(TOPICS)}")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     hw = hardware()
     results, errors = [], {}
@@ -104,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         r.setdefault("date", today)
     # --only reruns some topics: the other topics' last results stay, each with its own date and
     # hardware, so one file always holds the latest figure of every benchmark
-    kept = [r for r in _previous(target) if r.get("topic") not in topics]
-    for r in kept:
-        r.setdefault("hardware", _previous_hardware(target))
+    # (a topic that failed this time keeps its last rows too: the error is reported beside them)
+    rerun = {r["topic"] for r in results}
+    kept = [r for r in _previous(target) if r.get("topic") not in rerun]
     payload = {"date": today, "quick": args.quick, "hardware": hw, "results": kept + results, "errors": errors}
     from analysis import io
 
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _previous(path: Path) -> list[dict]:
+    """Rows of an earlier results file, each stamped with that run's date and hardware."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -124,14 +128,8 @@ def _previous(path: Path) -> list[dict]:
     records = list(payload.get("results", []))
     for r in records:
         r.setdefault("date", payload.get("date"))
+        r.setdefault("hardware", payload.get("hardware"))
     return records
-
-
-def _previous_hardware(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()).get("hardware")
-    except (OSError, ValueError):
-        return None
 
 
 if __name__ == "__main__":
