@@ -131,21 +131,18 @@ def _fmt(value, p: bool = False) -> str:
 
 # ---------------------------------------------------------------------------- headline numbers
 def _seg_dice(study: Path, problems: list[str]) -> tuple[float | None, str]:
-    """A Dice number from segmentation/eval/*.csv: the combined (Eq. 2) column if any, else mean Dice."""
-    folder = study / "segmentation" / "eval"
-    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
-        frame = _read_csv(path, problems)
-        if frame is None:
-            continue
-        cols = [c for c in frame.columns if "dice" in c.lower()]
-        numeric = {c: pd.to_numeric(frame[c], errors="coerce").mean() for c in cols}
-        numeric = {c: v for c, v in numeric.items() if pd.notna(v)}
-        if not numeric:
-            continue
-        pick = next((c for c in numeric if "combined" in c.lower() or "eq2" in c.lower()),
-                    next((c for c in numeric if c.lower() in ("mean_dice", "dice")), next(iter(numeric))))
-        return float(numeric[pick]), f"segmentation/eval/{path.name}: mean {pick}"
-    return None, "segmentation/eval/*.csv"
+    """The combined Dice (Eq. 2) from the one summary hcc_liver_seg's evaluate.json writes."""
+    rel = "segmentation/eval/metrics_summary.csv"
+    if not (study / rel).is_file():
+        return None, rel
+    frame = _read_csv(study / rel, problems)
+    if frame is None:
+        return None, rel
+    if "dice_eq2" not in frame.columns or frame.empty:
+        problems.append(f"{rel}: no dice_eq2 value (columns: {', '.join(map(str, frame.columns))})")
+        return None, rel
+    value = pd.to_numeric(frame["dice_eq2"], errors="coerce").iloc[0]
+    return (float(value) if pd.notna(value) else None), f"{rel}: dice_eq2 (Eq. 2)"
 
 
 def _cox_class_rows(summary: pd.DataFrame) -> dict[int, tuple[float, str]]:

@@ -100,6 +100,23 @@ def test_headline_numbers_beside_paper(study):
                          "line 1 column 2 (char 1))")]
 
 
+def test_segmentation_dice_is_eq2_from_the_bundle_summary(tmp_path):
+    eval_dir = tmp_path / "segmentation" / "eval"
+    eval_dir.mkdir(parents=True)
+    # MONAI's MetricsSaver writes metrics.csv without a header beside the summary: not read
+    (eval_dir / "metrics.csv").write_text("val_dice_liver,0.1\nval_dice_eq2,0.2\n")
+    (eval_dir / "metrics_summary.csv").write_text(
+        "n_cases,dice_eq2,dice_liver,dice_tumour,dice_whole_liver\n15,0.876331,0.724045,0.892601,0.931916\n")
+    table, problems = headline_table(tmp_path)
+    got = dict(zip(table.metric, table.this_run))
+    assert got["segmentation Dice"] == "0.876" and problems == []
+
+    (eval_dir / "metrics_summary.csv").write_text("n_cases,dice_liver\n15,0.7\n")
+    table, problems = headline_table(tmp_path)
+    assert dict(zip(table.metric, table.this_run))["segmentation Dice"] == "-"
+    assert problems == ["segmentation/eval/metrics_summary.csv: no dice_eq2 value (columns: n_cases, dice_liver)"]
+
+
 def test_synthetic_label_sources(tmp_path):
     plain = tmp_path / "plain"
     write_json(plain / "manifest.json", ["not", "an", "object"])
