@@ -48,6 +48,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from analysis import metrics
+from analysis.datalists import assign_folds
 from analysis.io import save_figure, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,6 @@ def design_splits(y: pd.Series, design: str, seed: int = 0) -> list[tuple[np.nda
         _stratify_ok(y, 4)
         # the same patient-level stratified folds as the prognosis datalist (one implementation,
         # which also copes with cohorts where no class can fill every fold)
-        from analysis.datalists import assign_folds
-
         folds = assign_folds(pd.Series(np.asarray(y)), folds=4, seed=seed).to_numpy()
         return [(idx[folds != k], idx[folds == k]) for k in range(4)]
     if design == "split75":

@@ -342,6 +342,10 @@ def plot_decision_curve(table: pd.DataFrame, horizon: float):
 
 
 # --------------------------------------------------------------------------------- assembly
+class NoSignificantVariableError(SurvivalInputError):
+    """No covariate reaches the selection threshold: the caller chooses the variables instead."""
+
+
 def select_variables(df: pd.DataFrame, duration: str, event: str, covariates: Sequence[str],
                      categorical: Sequence[str] = (), reference: dict | None = None, penalizer: float = 0.0,
                      alpha: float = ALPHA) -> tuple[list, dict]:
@@ -350,7 +354,7 @@ def select_variables(df: pd.DataFrame, duration: str, event: str, covariates: Se
     pvals = variable_p_values(full)
     chosen = [v for v in covariates if pvals[v] < alpha]
     if not chosen:
-        raise SurvivalInputError(
+        raise NoSignificantVariableError(
             f"no covariate has p < {alpha} in the full Cox model (p: "
             + ", ".join(f"{k}={v:.3g}" for k, v in pvals.items()) + "); give --variables a,b to choose them")
     log.info("nomogram variables (p < %g): %s", alpha, chosen)
@@ -454,6 +458,7 @@ def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, eve
 
 
 __all__ = [
+    "NoSignificantVariableError",
     "Nomogram",
     "NomogramResult",
     "build_nomogram",

@@ -130,19 +130,33 @@ def _fmt(value, p: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------- headline numbers
+SEG_SUMMARY = "segmentation/eval/metrics_summary.csv"  # what hcc_liver_seg's evaluate.json writes
+
+
+def _dice_row(frame: pd.DataFrame) -> dict[str, float]:
+    if frame.empty:
+        return {}
+    row = frame.iloc[0]
+    return {c: float(v) for c in frame.columns if str(c).startswith("dice")
+            for v in [pd.to_numeric(row[c], errors="coerce")] if pd.notna(v)}
+
+
+def segmentation_dice(eval_dir: str | Path) -> dict[str, float]:
+    """Dice columns (dice_eq2, dice_liver, ...) of the bundle's one-row evaluation summary; {} if absent."""
+    frame = _read_csv(Path(eval_dir) / "metrics_summary.csv", [])
+    return {} if frame is None else _dice_row(frame)
+
+
 def _seg_dice(study: Path, problems: list[str]) -> tuple[float | None, str]:
-    """The combined Dice (Eq. 2) from the one summary hcc_liver_seg's evaluate.json writes."""
-    rel = "segmentation/eval/metrics_summary.csv"
-    if not (study / rel).is_file():
-        return None, rel
-    frame = _read_csv(study / rel, problems)
+    """The combined Dice (Eq. 2) of the study's segmentation evaluation."""
+    frame = _read_csv(study / SEG_SUMMARY, problems)
     if frame is None:
-        return None, rel
-    if "dice_eq2" not in frame.columns or frame.empty:
-        problems.append(f"{rel}: no dice_eq2 value (columns: {', '.join(map(str, frame.columns))})")
-        return None, rel
-    value = pd.to_numeric(frame["dice_eq2"], errors="coerce").iloc[0]
-    return (float(value) if pd.notna(value) else None), f"{rel}: dice_eq2 (Eq. 2)"
+        return None, SEG_SUMMARY
+    dice = _dice_row(frame)
+    if "dice_eq2" not in dice:
+        problems.append(f"{SEG_SUMMARY}: no dice_eq2 value (columns: {', '.join(map(str, frame.columns))})")
+        return None, SEG_SUMMARY
+    return dice["dice_eq2"], f"{SEG_SUMMARY}: dice_eq2 (Eq. 2)"
 
 
 def _cox_class_rows(summary: pd.DataFrame) -> dict[int, tuple[float, str]]:

@@ -192,16 +192,9 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
     bar.reset(total=2)
     run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
     run_bundle(ctx.seg_bundle, ["train.json", "evaluate.json"], overrides, staging / "evaluate.log", bar)
-    return _seg_metrics(staging / "eval")
+    from analysis.report import segmentation_dice
 
-
-def _seg_metrics(eval_dir: Path) -> dict:
-    """Headline Dice numbers from the bundle's evaluation summary."""
-    path = eval_dir / "metrics_summary.csv"  # what hcc_liver_seg's evaluate.json writes
-    if not path.exists():
-        return {}
-    numeric = pd.read_csv(path).select_dtypes("number")
-    return {c: round(float(numeric[c].mean()), 4) for c in numeric.columns if "dice" in c.lower()}
+    return {k: round(v, 4) for k, v in segmentation_dice(staging / "eval").items()}
 
 
 def _device(settings: dict) -> str:
@@ -346,12 +339,11 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
     clinical = read_clinical(ctx.clinical)
     frame = clinical[["patient_id"]].copy()
     mrecist = pd.read_csv(ctx.path("mrecist", "mrecist.csv"), dtype={"patient_id": str})
-    auto = mrecist.set_index("patient_id")["best_response"]
-    # the cohort's own mRECIST (its radiologists' reading) where given, else the automatic one
-    given = clinical.set_index("patient_id")["mrecist"] if "mrecist" in clinical else pd.Series(dtype=object)
-    frame["mrecist"] = [given.get(pid) if pd.notna(given.get(pid)) and given.get(pid) != "NA" else auto.get(pid)
-                        for pid in frame["patient_id"]]
-    frame["mrecist"] = frame["mrecist"].replace({"NA": None})
+    auto = frame["patient_id"].map(mrecist.set_index("patient_id")["best_response"])
+    # the cohort's own mRECIST (its radiologists' reading) where given, else the automatic one;
+    # "NA" (not assessed) counts as not given
+    given = clinical["mrecist"] if "mrecist" in clinical else pd.Series(None, index=clinical.index, dtype=object)
+    frame["mrecist"] = given.replace({"NA": None}).fillna(auto).replace({"NA": None})
     rad = ctx.path("classify", "radiomic_score.csv")
     if rad.exists():
         r = pd.read_csv(rad)
@@ -440,16 +432,15 @@ def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
 
     table = _cox_table(ctx)
     covariates, categorical = _cox_covariates(table)
-    from analysis.survival import CoxConvergenceError, SurvivalInputError
+    from analysis.nomogram import NoSignificantVariableError
+    from analysis.survival import CoxConvergenceError
 
     penalizer = ctx.settings["cox_penalizer"]
     try:
         try:
             nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
                      penalizer=penalizer, out=staging)
-        except SurvivalInputError as exc:
-            if "no covariate has p" not in str(exc):
-                raise
+        except NoSignificantVariableError as exc:
             # Appendix 11 draws the nomogram on all six variables; use them when none is significant
             log.warning("nomogram: %s; using the paper's Appendix 11 variables %s", exc, covariates)
             nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
@@ -488,38 +479,37 @@ def _report(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def build_stages(ctx: StudyContext) -> list[Stage]:
-    S = dict  # settings literal
     stages = [
         Stage("validate", "validation", _validate, inputs=lambda c: [c.cohort],
               description="schema + image checks"),
         Stage("datalists", "datalists", _datalists, inputs=lambda c: [c.clinical, c.path("validation")],
-              settings=lambda c: S(folds=c.settings["folds"], seed=c.settings["seed"])),
+              settings=lambda c: dict(folds=c.settings["folds"], seed=c.settings["seed"])),
         Stage("segmentation", "segmentation", _segmentation,
               inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels", *bundle_code(c.seg_bundle),
                                 *( [c.seg_weights] if c.seg_weights else [])],
-              settings=lambda c: S(**{k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed",
-                                                                  "seg_num_samples", "grad_checkpointing",
-                                                                  "seg_spacing_mm")})),
+              settings=lambda c: {k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed",
+                                                             "seg_num_samples", "grad_checkpointing",
+                                                             "seg_spacing_mm")}),
         Stage("segmentation_inference", "segmentation_inference", _segmentation_inference,
               inputs=lambda c: [c.path("segmentation", "models"), c.path("datalists", "segmentation.json"),
                                 c.cohort / "images", *bundle_code(c.seg_bundle)],
-              settings=lambda c: S(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"],
+              settings=lambda c: dict(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"],
                                    spacing=c.settings["seg_spacing_mm"])),
         Stage("masks", "masks", _masks,
               inputs=lambda c: [c.path("segmentation_inference"), c.cohort / "labels", c.clinical],
-              settings=lambda c: S(masks_source=c.masks_source)),
+              settings=lambda c: dict(masks_source=c.masks_source)),
         Stage("prognosis", "prognosis", _prognosis,
               inputs=lambda c: [c.path("datalists", "prognosis.json"), c.path("masks"), c.cohort / "images",
                                 *bundle_code(c.prog_bundle)],
-              settings=lambda c: S(**{k: c.settings[k] for k in ("feature_size", "net_size", "prog_epochs", "folds",
-                                                                  "seed")})),
+              settings=lambda c: {k: c.settings[k] for k in ("feature_size", "net_size", "prog_epochs", "folds",
+                                                             "seed")}),
         Stage("gradcam", "gradcam", _gradcam,
               inputs=lambda c: [c.path("prognosis"), c.path("masks"), *bundle_code(c.prog_bundle)]),
         Stage("radiomics", "radiomics", _radiomics, inputs=lambda c: [c.cohort / "images", c.path("masks")],
-              settings=lambda c: S(timepoint="t1", roi="tumour")),
+              settings=lambda c: dict(timepoint="t1", roi="tumour")),
         Stage("classify", "classify", _classify,
               inputs=lambda c: [c.path("radiomics"), c.clinical, c.path("prognosis", "oof_predictions.csv")],
-              settings=lambda c: S(seed=c.settings["seed"], bootstrap=c.settings["bootstrap"])),
+              settings=lambda c: dict(seed=c.settings["seed"], bootstrap=c.settings["bootstrap"])),
         Stage("mrecist", "mrecist", _mrecist, inputs=lambda c: [c.cohort / "images", c.path("masks")]),
         Stage("km", "km", _km,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
@@ -527,11 +517,11 @@ def build_stages(ctx: StudyContext) -> list[Stage]:
         Stage("cox", "cox", _cox,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
                                 c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
-              settings=lambda c: S(penalizer=c.settings["cox_penalizer"])),
+              settings=lambda c: dict(penalizer=c.settings["cox_penalizer"])),
         Stage("nomogram", "nomogram", _nomogram,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
                                 c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
-              settings=lambda c: S(penalizer=c.settings["cox_penalizer"])),
+              settings=lambda c: dict(penalizer=c.settings["cox_penalizer"])),
         Stage("table1", "table1", _table1, inputs=lambda c: [c.clinical, c.path("mrecist")]),
         Stage("report", "report.html", _report, is_file=True,
               inputs=lambda c: [c.path(d) for d in ("validation", "segmentation", "prognosis", "gradcam", "classify",
@@ -605,8 +595,7 @@ def format_summary(results: list[StageResult], summary: dict) -> str:
                  f"{summary['profile']}{' (SYNTHETIC cohort)' if summary['synthetic'] else ''}")
     by_name = {r.name: r.headline for r in results}
     ours = {
-        "segmentation Dice (Eq. 2)": next((v for k, v in by_name.get("segmentation", {}).items()
-                                           if "combined" in k or "eq2" in k.lower()), None),
+        "segmentation Dice (Eq. 2)": by_name.get("segmentation", {}).get("dice_eq2"),
         "ProgSwin-UNETR macro AUC": by_name.get("prognosis", {}).get("macro_auc"),
         "ProgSwin-UNETR accuracy": by_name.get("prognosis", {}).get("accuracy"),
         "best radiomics macro AUC": _best_radiomics(by_name.get("classify", {})),
