@@ -39,6 +39,8 @@ are rendered in; :func:`make_clinical` gives the same clinical table without mak
    S = 128, ~18 mm at S = 32). Lesions are drawn ``lesion_gain(S)`` times larger than the
    anatomy so that they appear at 0.7x their nominal diameter in image mm for S >= 96 (capped at
    x2.5 below: 0.54x at S = 64, 0.27x at S = 32); every lesion covers at least one voxel.
+   A patient whose lesions would then exceed half the liver at some time point
+   (MAX_TUMOUR_BURDEN, :func:`burden_gain_limit`) gets a smaller gain for all three scans.
    Ratios (response, growth) do not depend on S.
 3. **Scans**: per scan an in-plane spacing drawn in 1.2-1.8 mm, 5 mm slices, ``max(8,
    round(0.4 S))`` slices, a small rotation (~1-2.5 deg) and origin shift (~6 mm), so time points
@@ -104,6 +106,10 @@ MAX_DIAMETER_MM = 95.0
 #: lesion_gain; mRECIST measurability (10 mm) is applied to the imaged size
 IMAGED_MM_PER_NOMINAL_MM = 0.7
 MAX_LESION_GAIN = 2.5
+#: lesions are drawn no larger than keeps every time point's tumour volume at or below this share
+#: of the liver's volume: TACE candidates keep most of their liver (tumour over half of the liver
+#: is an Okuda criterion and a usual contraindication to TACE), see burden_gain_limit
+MAX_TUMOUR_BURDEN = 0.5
 #: lesion gain at S = 128 (real body-frame size of a lesion / nominal size), used for placement
 REFERENCE_GAIN = IMAGED_MM_PER_NOMINAL_MM / (0.552 * 128 / 165.0)
 PLACEMENT_TRIES = 40
@@ -493,6 +499,20 @@ def lesion_gain(shape: int) -> float:
     return float(np.clip(IMAGED_MM_PER_NOMINAL_MM / sx, 1.0, MAX_LESION_GAIN))
 
 
+def burden_gain_limit(plan: PatientPlan) -> float:
+    """The largest lesion gain at which no time point's tumour (its lesions as spheres of the
+    planned diameters) exceeds MAX_TUMOUR_BURDEN of the liver (its lobes as ellipsoids).
+
+    One gain per patient for all time points, so growth and response ratios stay as planned;
+    without it a 64 matrix (gain 2.5) draws the largest lesions bigger than the whole liver.
+    """
+    liver_mm3 = sum(4.0 / 3.0 * math.pi * float(np.prod(radii)) for _, radii in plan.liver_lobes)
+    tumour_mm3 = max(sum(math.pi / 6.0 * les.diameter[t] ** 3 for les in plan.lesions) for t in range(len(TIMEPOINTS)))
+    if tumour_mm3 <= 0:
+        return math.inf
+    return (MAX_TUMOUR_BURDEN * liver_mm3 / tumour_mm3) ** (1.0 / 3.0)
+
+
 def _index_box(inv: np.ndarray, centre, half, dims):
     """Voxel-index slices of the box ``centre +/- half`` (real frame), or None when off the grid."""
     centre_ijk = inv[:3, :3] @ np.asarray(centre, float) + inv[:3, 3]
@@ -609,7 +629,7 @@ def _scan(plan: PatientPlan, t: int, shape: int, rng: np.random.Generator, orien
 
     to_real = np.diag(np.append(1.0 / _real_scale(shape, nz), 1.0)) @ affine
     to_real[:3, 3] -= centre_world / _real_scale(shape, nz)
-    clean, label = _render(plan, t, dims, to_real, lesion_gain(shape))
+    clean, label = _render(plan, t, dims, to_real, min(lesion_gain(shape), burden_gain_limit(plan)))
 
     # partial volume in-plane, then bias field, Rician noise, scanner scale
     clean = ndimage.gaussian_filter(clean, sigma=(0.6, 0.6, 0.3))

@@ -118,6 +118,30 @@ def test_tumour_enhances_above_liver_at_t0(tmp_path):
         assert tumour > 1.4 * liver, (pid_dir.name, tumour, liver)
 
 
+def test_burden_gain_limit_hand_computed():
+    """Liver: one ball of radius 30 mm (36000 pi mm^3). Tumour at its largest (t2): two 30 mm
+    balls (2 x 4500 pi mm^3). Half the liver / tumour = 2, so the gain limit is 2^(1/3)."""
+    from analysis.synthetic import MAX_TUMOUR_BURDEN, PatientPlan, burden_gain_limit
+
+    assert MAX_TUMOUR_BURDEN == 0.5
+    lobes = [(np.zeros(3), np.full(3, 30.0))]
+    plan = PatientPlan("P1", {}, {}, liver_lobes=lobes,
+                       lesions=[_lesion((20, 25, 30), (1, 1, 1)), _lesion((0, 0, 30), (0, 1, 1), kind="new")])
+    assert burden_gain_limit(plan) == pytest.approx(2.0 ** (1.0 / 3.0), rel=1e-12)
+    assert burden_gain_limit(PatientPlan("P2", {}, {}, liver_lobes=lobes)) == float("inf")
+
+
+def test_tumour_never_swallows_the_liver_at_a_small_matrix(tmp_path):
+    """At S = 32 lesions are drawn 2.5x the scaled anatomy; uncapped, HCC011 of seed 0 is all
+    tumour (share 1.0 at every time point). With the burden cap no scan's tumour exceeds ~half of
+    the organ (labels 1 + 2; the lobes-as-ellipsoids estimate is not exact, hence 0.6)."""
+    out = make_cohort(tmp_path / "c", n_patients=12, shape=32, seed=0, progress=False)
+    for path in sorted((out / "labels").rglob("*.nii.gz")):
+        label = np.asarray(nib.load(path).dataobj)
+        organ = int(np.isin(label, (1, 2)).sum())
+        assert organ > 0 and (label == 2).sum() / organ <= 0.6, path
+
+
 # ------------------------------------------------------------------------------- clinical
 def test_marginals_close_to_table1(table181):
     df = table181
