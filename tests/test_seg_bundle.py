@@ -485,3 +485,28 @@ def test_torchrun_two_processes_cpu_gloo(data, tmp_path):
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # DDP wrapper stripped: portable weights
+
+
+def test_validation_scores_the_post_processed_mask():
+    """Validation and evaluation apply the inference post-processing (largest liver + tumour
+    component) before scoring, so the reported Dice is the Dice of the masks the bundle writes:
+    a liver-looking blob away from the liver (the spleen, say) is dropped, not counted."""
+    from monai.bundle import ConfigParser
+
+    _bundle_on_path()
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    post = parser.get_parsed_content("validate#postprocessing")
+    logits = torch.zeros(3, 12, 12, 12)
+    logits[0] = 1.0                              # background everywhere ...
+    logits[1, 1:6, 1:6, 1:6] = 5.0               # ... but a 125-voxel liver
+    logits[2, 2:4, 2:4, 2:4] = 9.0               # with an 8-voxel tumour inside
+    logits[1, 9:11, 9:11, 9:11] = 5.0            # and an 8-voxel blob far from it
+    label = torch.zeros(1, 12, 12, 12)
+    label[0, 1:6, 1:6, 1:6] = 1
+    label[0, 2:4, 2:4, 2:4] = 2
+    out = post({"pred": logits, "label": label})
+    pred, lab = out["pred"], out["label"]
+    assert tuple(pred.shape) == (3, 12, 12, 12) and tuple(lab.shape) == (3, 12, 12, 12)
+    assert int(pred[1].sum()) == 125 - 8 and int(pred[2].sum()) == 8
+    assert torch.equal(pred, lab)
