@@ -170,6 +170,10 @@ def test_resume_continues_epoch_count(trained, data, caplog):
     trainer = wf.parser.get_parsed_content("train#trainer")
     # one more epoch of one iteration, counted on from the checkpoint's epoch 1 / iteration 1
     assert (trainer.state.epoch, trainer.state.iteration) == (2, 2)
+    # the checkpoint restored a 1-epoch schedule; the run's own length (2 epochs) replaces it
+    scheduler = wf.parser.get_parsed_content("lr_scheduler")
+    assert (scheduler.warmup_steps, scheduler.t_total) == (1, 2)
+    assert "warm-up + cosine to epoch 2 (the checkpoint had 1 to 1)" in caplog.text
     assert (ckpt / "checkpoint_epoch=2.pt").is_file()
     assert f"resuming from {ckpt / 'checkpoint_epoch=1.pt'}" in caplog.text
     _bundle_on_path()

@@ -1,4 +1,5 @@
-"""Ignite handlers the configs attach: stop on a NaN loss, and a per-case progress log."""
+"""Ignite handlers the configs attach: stop on a NaN loss, keep the learning-rate schedule's length
+after a resume, and a per-case progress log."""
 
 from __future__ import annotations
 
@@ -49,6 +50,28 @@ class StopOnNaNLoss:
                 f"checkpoint (model.pt) from earlier validation is kept unchanged. Lower the learning rate "
                 f"or check the inputs."
             )
+
+
+class ScheduleLength:
+    """Set the warm-up/cosine schedule's length to this run's ``max_epochs`` when training starts.
+
+    A resumed checkpoint restores the scheduler's attributes, ``t_total`` included (LambdaLR saves
+    them), so without this a resume with a larger ``--max_epochs`` would keep the old length and
+    the cosine would climb back up past its end. Attach after the checkpoint loader: ignite runs
+    STARTED handlers in the order they were added.
+    """
+
+    def __init__(self, lr_scheduler, warmup_steps: int, t_total: int) -> None:
+        self.lr_scheduler, self.warmup_steps, self.t_total = lr_scheduler, int(warmup_steps), int(t_total)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if (self.lr_scheduler.t_total, self.lr_scheduler.warmup_steps) != (self.t_total, self.warmup_steps):
+            logger.info("learning-rate schedule: %d warm-up + cosine to epoch %d (the checkpoint had %d to %d)",
+                        self.warmup_steps, self.t_total, self.lr_scheduler.warmup_steps, self.lr_scheduler.t_total)
+        self.lr_scheduler.warmup_steps, self.lr_scheduler.t_total = self.warmup_steps, self.t_total
 
 
 class ProgressLogger:
