@@ -136,9 +136,9 @@ SEG_SUMMARY = "segmentation/eval/metrics_summary.csv"  # what hcc_liver_seg's ev
 def _dice_row(frame: pd.DataFrame) -> dict[str, float]:
     if frame.empty:
         return {}
-    row = frame.iloc[0]
-    return {c: float(v) for c in frame.columns if str(c).startswith("dice")
-            for v in [pd.to_numeric(row[c], errors="coerce")] if pd.notna(v)}
+    dice_columns = [c for c in frame.columns if str(c).startswith("dice")]
+    values = pd.to_numeric(frame.iloc[0][dice_columns], errors="coerce")
+    return {c: float(v) for c, v in values.items() if pd.notna(v)}
 
 
 def segmentation_dice(eval_dir: str | Path) -> dict[str, float]:

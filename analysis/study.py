@@ -428,12 +428,11 @@ def _cox_covariates(table: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.nomogram import nomogram
+    from analysis.nomogram import NoSignificantVariableError, nomogram
+    from analysis.survival import CoxConvergenceError
 
     table = _cox_table(ctx)
     covariates, categorical = _cox_covariates(table)
-    from analysis.nomogram import NoSignificantVariableError
-    from analysis.survival import CoxConvergenceError
 
     penalizer = ctx.settings["cox_penalizer"]
     try:
