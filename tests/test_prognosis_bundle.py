@@ -206,8 +206,30 @@ def test_input_module_shape_and_masking(cohort):
         inside = np.asarray(img[c])[mask]
         assert abs(inside.mean()) < 1e-3 and inside.std() == pytest.approx(1.0, abs=1e-2)
     assert int(out["label"]) == item["label"]
-    six = _preprocess(cohort, _abs_item(cohort), with_masks=True)["image"]
+    six = _preprocess(cohort, _abs_item(cohort), mask_channels="union")["image"]
     assert tuple(six.shape) == (6, 64, 64, 64) and set(np.unique(np.asarray(six[3:]))) <= {0.0, 1.0}
+    for c in range(3):  # the union channel is exactly where the image is masked in
+        assert np.array_equal(np.asarray(six[3 + c]) > 0, np.asarray(out[f"mask_t{c}"])[0] > 0)
+    # the paper's one-hot "enhanced target regions": liver and tumour channel per time point, disjoint,
+    # together the union mask, tumour where the (resized, nearest) label map is 2
+    nine = _preprocess(cohort, _abs_item(cohort), mask_channels="labels", keep_timepoints=True)
+    x9 = np.asarray(nine["image"])
+    assert x9.shape == (9, 64, 64, 64)
+    for c in range(3):
+        liver, tumour = x9[3 + 2 * c], x9[4 + 2 * c]
+        label = np.asarray(out[f"mask_t{c}"])[0]  # mode none keeps the resized label map
+        assert set(np.unique(liver)) <= {0.0, 1.0} and set(np.unique(tumour)) <= {0.0, 1.0}
+        assert not np.any((liver > 0) & (tumour > 0))
+        assert np.array_equal((liver + tumour) > 0, np.asarray(out[f"mask_t{c}"])[0] > 0)
+        assert tumour.sum() > 0 and np.array_equal(tumour > 0, label == 2) and np.array_equal(liver > 0, label == 1)
+    np.testing.assert_array_equal(x9[:3], np.asarray(img))  # the images do not depend on the mode
+    with pytest.raises(Exception) as info:
+        _preprocess(cohort, _abs_item(cohort), mask_channels="onehot")
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__
+    assert any("mask_channels: expected one of ['labels', 'none', 'union']; got 'onehot'" in m for m in chain), chain
 
 
 def _input_error(fn) -> str:
@@ -282,7 +304,12 @@ def test_network_eq6_and_errors():
         net(torch.randn(1, 3, 32, 32, 32))
     with pytest.raises(ValueError, match=r"expects \(batch, 3, D, H, W\)"):
         net(torch.randn(1, 6, 64, 64, 64))
-    assert ProgSwinUNETR(feature_size=12, depths=(1, 1, 1, 1), with_masks=True).in_channels == 6
+    from scripts.transforms import input_channels
+
+    assert [input_channels(m) for m in ("none", "union", "labels")] == [3, 6, 9]
+    assert ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1)).swin.encoder1.layer.conv1.conv.weight.shape[1] == 9
+    # the Eq. 6 head on cached features is the forward pass
+    torch.testing.assert_close(net.head(net.features(x)), scores, atol=1e-6, rtol=1e-5)
 
     # the paper's sliding-window option: with one window covering the input it equals the
     # whole-volume scores; with several it pools the stitched dense map, (B, 4) as well

@@ -1,14 +1,28 @@
-"""Fold checkpoints: the latest training state (resume) and the best models (inference)."""
+"""Fold checkpoints (resume, best models) and initialisation from a pretrained checkpoint."""
 
 from __future__ import annotations
 
 import copy
 import glob
+import logging
 import os
 import re
 from collections.abc import Sequence
 
 import torch
+from ignite.engine import Engine, Events
+
+log = logging.getLogger(__name__)
+
+#: hcc_liver_seg's input layers: 1 input channel (the image) in the segmentation network; their
+#: (out, in, k, k, k) weights become ProgSwin-UNETR's in_channels wide
+INPUT_LAYERS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight")
+#: the output layer (3 segmentation classes -> 4 risk classes) is not copied: newly initialised
+OUTPUT_PREFIX = "out."
+
+
+class CheckpointMismatchError(ValueError):
+    """A pretrained checkpoint does not fit the network (feature_size, depths, channels)."""
 
 
 def latest_checkpoint(fold_dir: str) -> str | None:
@@ -27,11 +41,20 @@ def best_model_path(ckpt_dir: str, fold: int) -> str:
 
 
 def load_state(path: str, map_location="cpu") -> dict:
+    """The model state dict of a checkpoint file (a bare state dict or CheckpointSaver's
+    ``{"model": ...}``), loaded with ``weights_only=True``: a file that holds code is refused."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model weights not found: {path} (train this fold first, "
                                 f"or point ckpt_dir/load_path at existing weights)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle payloads, truncated files: name the file, not torch's internals
+        raise ValueError(f"{path}: not a weights-only checkpoint torch can read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
+    return state
 
 
 def load_fold_networks(network: torch.nn.Module, ckpt_dir: str, folds: Sequence[int], device) -> list:
@@ -42,3 +65,138 @@ def load_fold_networks(network: torch.nn.Module, ckpt_dir: str, folds: Sequence[
         net.load_state_dict(load_state(best_model_path(ckpt_dir, k)))
         nets.append(net.to(device).eval())
     return nets
+
+
+def checkpoint_kind(state: dict) -> str:
+    """``"progswin"`` (keys under ``swin.``), ``"segmentation"`` (a bare hcc_liver_seg SwinUNETR,
+    keys under ``swinViT.``), else an error."""
+    if any(k.startswith("swin.") for k in state):
+        return "progswin"
+    if any(k.startswith("swinViT.") for k in state):
+        return "segmentation"
+    raise CheckpointMismatchError(
+        f"neither a ProgSwin-UNETR (keys 'swin.*') nor an hcc_liver_seg (keys 'swinViT.*') checkpoint; "
+        f"first keys: {list(state)[:3]}")
+
+
+def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 3) -> tuple[dict, list[str]]:
+    """ProgSwin-UNETR tensors from an hcc_liver_seg SwinUNETR state dict.
+
+    - every encoder and decoder tensor is copied (``k`` -> ``swin.k``);
+    - the 1-channel input layers (patch embedding, encoder1's convolutions) get ``w / n_images``
+      on each image channel, so the first layer's response to ``n_images`` identical images (and
+      all-zero mask channels) is the segmentation network's response to that image; the mask
+      channels after them keep the network's own random initialisation, so the label maps
+      reach the features from the first step (zero weights would hide them from a head-only
+      warm-up, whose backbone does not move);
+    - the output layer (``out.*``: 3 segmentation classes) is left out: the 4-class head keeps
+      its own new initialisation.
+
+    Returns (state to load with strict=False, the keys left at their initialisation). A shape
+    that differs for any other reason (feature_size, depths, heads) is an error naming the key
+    and both shapes.
+    """
+    mapped, problems = {}, []
+    for key, value in seg_state.items():
+        if key.startswith(OUTPUT_PREFIX):
+            continue
+        target_key = "swin." + key
+        if target_key not in target_state:
+            problems.append(f"{key} {tuple(value.shape)} has no counterpart in the network "
+                            f"(Swin depths or layers differ)")
+            continue
+        want = target_state[target_key].shape
+        if key in INPUT_LAYERS and value.ndim >= 2 and value.shape[1] == 1 and value.shape[0] == want[0] \
+                and value.shape[2:] == want[2:]:
+            widened = target_state[target_key].detach().clone().to(value.dtype)
+            widened[:, :n_images] = value / n_images
+            value = widened
+        if value.shape != want:
+            problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(want)}")
+            continue
+        mapped[target_key] = value
+    missing = [k for k in target_state if k not in mapped and not k.startswith("swin." + OUTPUT_PREFIX)]
+    problems += [f"{k} {tuple(target_state[k].shape)}: not in the checkpoint" for k in missing]
+    if problems:
+        raise CheckpointMismatchError(_mismatch_message("segmentation", seg_state, target_state, problems))
+    fresh = [k for k in target_state if k not in mapped]
+    return mapped, fresh
+
+
+def _feature_size(state: dict, prefix: str) -> int | None:
+    w = state.get(prefix + "swinViT.patch_embed.proj.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def _mismatch_message(kind: str, source: dict, target: dict, problems: list[str]) -> str:
+    src_fs = _feature_size(source, "" if kind == "segmentation" else "swin.")
+    dst_fs = _feature_size(target, "swin.")
+    head = f"pretrained {kind} checkpoint does not fit the network"
+    if src_fs and dst_fs and src_fs != dst_fs:
+        head += f" (checkpoint feature_size {src_fs}, network feature_size {dst_fs})"
+    more = f" ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return head + ": " + "; ".join(problems[:5]) + more
+
+
+def load_pretrained(network: torch.nn.Module, path: str, map_location="cpu") -> str:
+    """Initialise ``network`` (a ProgSwinUNETR, or DDP around one) from ``path``.
+
+    An hcc_liver_seg checkpoint is mapped by :func:`map_segmentation_state`; a ProgSwin-UNETR
+    checkpoint (another site's model, for fine-tuning) must match exactly. Loading is
+    ``weights_only=True``. Returns the checkpoint kind.
+    """
+    net = getattr(network, "module", network)
+    state = load_state(path, map_location=map_location)
+    target = net.state_dict()
+    kind = checkpoint_kind(state)
+    if kind == "segmentation":
+        n_images = 3
+        mapped, fresh = map_segmentation_state(state, target, n_images=n_images)
+        net.load_state_dict(mapped, strict=False)
+        log.info("initialised from hcc_liver_seg checkpoint %s: %d tensors copied (input layers spread "
+                 "over %d images), new: %s", path, len(mapped), n_images, ", ".join(fresh))
+        return kind
+    problems = [f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(target[k].shape)}"
+                for k, v in state.items() if k in target and v.shape != target[k].shape]
+    problems += [f"{k}: not in the network" for k in state if k not in target]
+    problems += [f"{k}: not in the checkpoint" for k in target if k not in state]
+    if problems:
+        raise CheckpointMismatchError(_mismatch_message("ProgSwin-UNETR", state, target, problems))
+    net.load_state_dict(state)
+    log.info("initialised from ProgSwin-UNETR checkpoint %s (%d tensors)", path, len(state))
+    return kind
+
+
+class PretrainedLoader:
+    """Ignite handler: load ``pretrained`` into the network when a fresh training run starts.
+
+    Attach it after the resume CheckpointLoader: a resumed run (epoch > 0 once the checkpoint
+    is loaded) continues from its own weights and does not reload the pretrained ones.
+    """
+
+    def __init__(self, network: torch.nn.Module, load_path: str | None, map_location="cpu") -> None:
+        self.network, self.load_path, self.map_location = network, load_path, map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.load_path:
+            return
+        if engine.state.epoch > 0:
+            log.info("resumed at epoch %d: pretrained %s not reloaded", engine.state.epoch, self.load_path)
+            return
+        load_pretrained(self.network, str(self.load_path), map_location=self.map_location)
+
+
+#: ``model_selection`` id: which weights a fold keeps as ``model.pt``
+MODEL_SELECTION = ("best_val_auc", "last_epoch")
+
+
+def best_val_filename(model_selection: str) -> str:
+    """Where the validation's best-AUC model goes: ``model.pt`` when it is the fold's model (the
+    paper), else ``best_val_model.pt`` (kept for reference; ``model.pt`` is the last epoch's, so
+    out-of-fold predictions involve no choice made on the held-out fold)."""
+    if model_selection not in MODEL_SELECTION:
+        raise ValueError(f"model_selection: expected one of {list(MODEL_SELECTION)}; got {model_selection!r}")
+    return "model.pt" if model_selection == "best_val_auc" else "best_val_model.pt"

@@ -11,7 +11,11 @@ Usage (from anywhere; the bundle folder must be importable as the ``scripts`` pa
 
     PYTHONPATH=<bundle> python -m scripts.cross_validate --bundle_root <bundle> \
         --dataset_dir <cohort> --output_dir <out> [--folds 4] [--force] \
+        [--overlays "['configs/cpu_recipe.json']"] \
         [--any#config#id value ...]      # passed to monai.bundle run (train and inference)
+
+``overlays``: config files (relative to the bundle root, or absolute) read after train.json and
+after inference.json, e.g. the CPU recipe; their ids that inference does not use are ignored there.
 
 Resumable: a fold whose best checkpoint exists and is newer than the datalist is not retrained
 (``--force`` retrains). Outputs: ``<out>/models/fold{k}/model.pt`` (unless ``ckpt_dir`` is
@@ -34,9 +38,11 @@ from scripts.metrics import write_evaluation
 log = logging.getLogger(__name__)
 
 # ids whose override belongs to training only; everything else also goes to inference when the
-# inference config has that id (e.g. network_def#feature_size, spatial_size, with_masks)
+# inference config has that id (e.g. network_def#feature_size, spatial_size, mask_channels)
 _TRAIN_ONLY_ROOTS = {"train", "validate", "max_epochs", "val_interval", "batch_size", "learning_rate",
-                     "optimizer", "loss", "class_weights", "cache_rate", "amp", "resume", "resume_from"}
+                     "optimizer", "loss", "class_weights", "cache_rate", "amp", "resume", "resume_from",
+                     "pretrained", "warmup_steps", "warmup_learning_rate", "warmup_batch_size",
+                     "warmup_feature_stride", "balanced_sampling", "backbone_lr_scale", "model_selection"}
 
 
 def _config_roots(config_file: str) -> set[str]:
@@ -67,8 +73,19 @@ def _needs_training(ckpt: str, datalist: str, force: bool) -> bool:
     return False
 
 
+def _config_files(configs: str, base: str, overlays) -> list[str]:
+    files = [os.path.join(configs, base)]
+    for f in ([overlays] if isinstance(overlays, str) else list(overlays or [])):
+        path = f if os.path.isabs(f) else os.path.join(os.path.dirname(configs), f)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"overlay config not found: {path}")
+        files.append(path)
+    return files
+
+
 def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: int = 4,
-                   overrides: dict[str, Any] | None = None, force: bool = False) -> pd.DataFrame:
+                   overrides: dict[str, Any] | None = None, force: bool = False,
+                   overlays: list[str] | str | None = None) -> pd.DataFrame:
     """Train every fold (or reuse it), predict out of fold, evaluate. Returns the OOF table."""
     from monai.bundle import run
 
@@ -89,7 +106,7 @@ def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: i
         ckpt = best_model_path(ckpt_dir, k)
         if _needs_training(ckpt, datalist, force):
             log.info("fold %d/%d: training", k, folds)
-            run(config_file=os.path.join(configs, "train.json"), fold=k,
+            run(config_file=_config_files(configs, "train.json", overlays), fold=k,
                 output_dir=os.path.join(output_dir, "train"), **common, **train_over)
             if not os.path.isfile(ckpt):
                 raise RuntimeError(f"fold {k}: training finished without a best model at {ckpt} "
@@ -97,7 +114,7 @@ def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: i
         else:
             log.info("fold %d/%d: %s is newer than the datalist, reusing it (--force retrains)", k, folds, ckpt)
         fold_out = os.path.join(output_dir, "folds", f"fold{k}")
-        run(config_file=os.path.join(configs, "inference.json"), fold=k, infer_folds=[k],
+        run(config_file=_config_files(configs, "inference.json", overlays), fold=k, infer_folds=[k],
             infer_sections=["training"], output_dir=fold_out, **common, **infer_over)
         frames.append(pd.read_csv(os.path.join(fold_out, "predictions.csv"), dtype={"patient_id": str}))
     oof = pd.concat(frames, ignore_index=True)
@@ -125,7 +142,7 @@ def _check_oof(oof: pd.DataFrame, datalist: str, folds: int) -> None:
 
 
 def main(*verb: str, bundle_root: str = ".", dataset_dir: str | None = None, output_dir: str | None = None,
-         folds: int = 4, force: bool = False, **overrides) -> None:
+         folds: int = 4, force: bool = False, overlays=None, **overrides) -> None:
     """CLI: see the module docstring. Extra ``--id value`` pairs are monai.bundle overrides.
 
     An empty positional argument (a caller passing an empty verb) is ignored; anything else is
@@ -137,7 +154,8 @@ def main(*verb: str, bundle_root: str = ".", dataset_dir: str | None = None, out
         raise SystemExit("usage: python -m scripts.cross_validate --bundle_root B --dataset_dir D --output_dir O "
                          "[--folds 4] [--force] [--config#id value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    cross_validate(bundle_root, dataset_dir, output_dir, folds=folds, overrides=overrides, force=force)
+    cross_validate(bundle_root, dataset_dir, output_dir, folds=folds, overrides=overrides, force=force,
+                   overlays=overlays)
 
 
 if __name__ == "__main__":

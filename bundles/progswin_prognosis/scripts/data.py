@@ -82,3 +82,19 @@ def load_items(
                          + ("" if not exclude else f" outside folds {sorted(exclude)}"))
     log.info("%s: %d item(s) from %s", os.path.basename(datalist), len(items), ", ".join(sections))
     return items
+
+
+def balanced_sampler(items: Sequence[dict], enabled=True, seed: int = 0):
+    """A ``WeightedRandomSampler`` that draws every risk class equally often (one epoch = as many
+    draws as items), or None when ``enabled`` is false (plain shuffling)."""
+    import torch
+
+    from scripts.flags import as_bool
+
+    if not as_bool(enabled, "balanced_sampling"):
+        return None
+    labels = torch.tensor([int(it["label"]) for it in items])
+    counts = torch.bincount(labels)
+    weights = (1.0 / counts[labels].double()).tolist()
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(items), replacement=True,
+                                                  generator=torch.Generator().manual_seed(int(seed)))

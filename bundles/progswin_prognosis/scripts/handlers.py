@@ -64,3 +64,62 @@ class PredictionWriter:
         frame["label"] = frame["label"].astype("Int64")
         write_csv(frame, self.output_file)
         log.info("wrote %d prediction(s) to %s", len(frame), self.output_file)
+
+
+class LearningCurve:
+    """Per epoch: mean training loss, training accuracy, validation macro AUC and accuracy
+    (epochs with validation) -> ``learning_curve.csv`` and ``.png``, rewritten after every epoch
+    so an interrupted run keeps its curve; a resumed run continues the file of its earlier epochs.
+
+    Args:
+        output_file: the PNG path (the CSV goes beside it).
+        evaluator: the validation engine whose metrics are read after it ran.
+    """
+
+    def __init__(self, output_file: str, evaluator: Engine | None = None) -> None:
+        self.output_file, self.evaluator = output_file, evaluator
+        self.losses: list[float] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.losses.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _loss(self, engine: Engine) -> None:
+        from monai.handlers import from_engine
+
+        self.losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
+
+    def _epoch(self, engine: Engine) -> None:
+        import os
+
+        epoch = int(engine.state.epoch)
+        row = {"epoch": epoch, "train_loss": float(np.mean(self.losses)) if self.losses else np.nan,
+               "train_accuracy": float(engine.state.metrics.get("train_accuracy", np.nan))}
+        ev = self.evaluator
+        validated = ev is not None and getattr(ev.state, "epoch", None) == epoch
+        row["val_macro_auc"] = float(ev.state.metrics.get("val_macro_auc", np.nan)) if validated else np.nan
+        row["val_accuracy"] = float(ev.state.metrics.get("val_accuracy", np.nan)) if validated else np.nan
+        csv = os.path.splitext(self.output_file)[0] + ".csv"
+        earlier = pd.read_csv(csv) if os.path.isfile(csv) else pd.DataFrame(columns=list(row))
+        curve = pd.concat([earlier[earlier["epoch"] < epoch], pd.DataFrame([row])], ignore_index=True)
+        self._save(curve)
+
+    def _save(self, curve: pd.DataFrame) -> None:
+        import os
+
+        import matplotlib.pyplot as plt
+
+        from scripts.io import save_figure
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(curve["epoch"], curve["train_loss"], "C0-o", ms=3, label="training loss")
+        ax.set(xlabel="epoch", ylabel="cross-entropy", title="end-to-end training")
+        ax2 = ax.twinx()
+        ax2.plot(curve["epoch"], curve["train_accuracy"], "C1--", label="training accuracy")
+        val = curve.dropna(subset=["val_macro_auc"])
+        ax2.plot(val["epoch"], val["val_macro_auc"], "C2-s", ms=3, label="validation macro AUC")
+        ax2.set(ylim=(0, 1.02), ylabel="accuracy / AUC")
+        fig.legend(loc="lower left", fontsize=8)
+        os.makedirs(os.path.dirname(self.output_file) or ".", exist_ok=True)
+        save_figure(fig, self.output_file, curve)

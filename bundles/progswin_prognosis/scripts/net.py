@@ -8,6 +8,8 @@ import torch
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
+from scripts.flags import as_bool
+
 
 class ProgSwinUNETR(nn.Module):
     """Four risk-class scores from a stack of masked time points.
@@ -16,16 +18,19 @@ class ProgSwinUNETR(nn.Module):
     and ``AdaptiveAvgPool3d(1)`` turn it into one score per class (Eq. 6). The scores are
     logits for ``CrossEntropyLoss``; softmax of them gives the probabilities the bundle writes.
 
+    The Eq. 6 head is ``swin.out`` (a 1x1x1 convolution of the last decoder stage), ReLU and the
+    mean over all voxels; :meth:`features` gives what it reads and :meth:`head` applies it, so a
+    head can be trained on cached features (``scripts.warmup``).
+
     Args:
-        in_channels: 3 = the masked images at t0, t1, t2 (paper, Eq. 3). With ``with_masks``
-            the binary masks are stacked after the images, so the network sees 2 * in_channels.
+        in_channels: input channels, 3 per extra kind of map: 3 = the masked images at t0, t1,
+            t2 (paper, Eq. 3; ``mask_channels`` none), 6 = images + binary liver masks (union),
+            9 = images + liver and tumour label maps (labels); see
+            ``scripts.transforms.input_channels``.
         out_channels: number of risk classes (4).
         feature_size: Swin-UNETR embedding size, a multiple of 12 (paper-size model: 48).
         depths, num_heads: Swin stages, SwinUNETR's defaults; tests shrink depths to save time.
         use_checkpoint: gradient checkpointing (less memory, ~30% slower): training only.
-        with_masks: the documented 6-channel variant (images + masks). Masking already zeroes
-            everything outside the liver; the extra channels also tell the network where the
-            liver ends when tissue inside has intensity 0 after normalisation.
     """
 
     def __init__(
@@ -36,28 +41,27 @@ class ProgSwinUNETR(nn.Module):
         depths: Sequence[int] = (2, 2, 2, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         use_checkpoint: bool = False,
-        with_masks: bool = False,
         dropout_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if feature_size % 12:
+        if int(feature_size) % 12:
             raise ValueError(f"feature_size must be a multiple of 12 (SwinUNETR); got {feature_size}")
-        self.in_channels = in_channels * (2 if with_masks else 1)
-        self.out_channels = out_channels
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.feature_size = int(feature_size)
         self.swin = SwinUNETR(
             in_channels=self.in_channels,
-            out_channels=out_channels,
-            feature_size=feature_size,
-            depths=tuple(depths),
-            num_heads=tuple(num_heads),
-            use_checkpoint=use_checkpoint,
+            out_channels=self.out_channels,
+            feature_size=self.feature_size,
+            depths=tuple(int(d) for d in depths),
+            num_heads=tuple(int(h) for h in num_heads),
+            use_checkpoint=as_bool(use_checkpoint, "use_checkpoint"),
             dropout_path_rate=dropout_path_rate,
             spatial_dims=3,
         )
         self.pool = nn.AdaptiveAvgPool3d(1)
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU of the decoder's dense class map, (B, C, D, H, W): what sliding windows stitch."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ProgSwinUNETR expects (batch, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
@@ -66,8 +70,56 @@ class ProgSwinUNETR(nn.Module):
             raise ValueError(
                 f"every spatial side must be a multiple of 32 and at least 64 (SwinUNETR has 5 "
                 f"downsamplings, and 32 leaves a 1-voxel bottleneck); got {tuple(x.shape[2:])}")
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU of the decoder's dense class map, (B, C, D, H, W): what sliding windows stitch."""
+        self._check_input(x)
         return torch.relu(self.swin(x))
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         d = self.dense(x)
         return d if dense else self.pool(d).flatten(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder stage's output (B, feature_size, D, H, W): the input of ``swin.out``.
+
+        SwinUNETR's forward is one function, so the tensor is taken with a forward hook rather
+        than by re-implementing its encoder/decoder wiring.
+        """
+        self._check_input(x)
+        caught: list[torch.Tensor] = []
+        hook = self.swin.out.register_forward_hook(lambda _m, inputs, _o: caught.append(inputs[0]))
+        try:
+            self.swin(x)
+        finally:
+            hook.remove()
+        return caught[0]
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 6 on decoder features: 1x1x1 convolution, ReLU, mean over voxels -> (B, classes)."""
+        return self.pool(torch.relu(self.swin.out(features))).flatten(1)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The ProgSwinUNETR inside a DistributedDataParallel / DataParallel wrapper (or itself)."""
+    return getattr(network, "module", network)
+
+
+def backbone_and_head(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(encoder/decoder parameters, Eq. 6 head parameters)."""
+    net = unwrap(network)
+    head_ids = {id(p) for p in net.swin.out.parameters()}
+    backbone = [p for p in net.parameters() if id(p) not in head_ids]
+    return backbone, list(net.swin.out.parameters())
+
+
+def param_groups(network: nn.Module, learning_rate: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups: the head at ``learning_rate``, the backbone at ``learning_rate *
+    backbone_lr_scale`` (1 = one rate for all, the paper; 0 = backbone frozen: with lr 0, AdamW's
+    decoupled weight decay does not move it either)."""
+    scale = float(backbone_lr_scale)
+    if scale < 0:
+        raise ValueError(f"backbone_lr_scale must be >= 0; got {backbone_lr_scale}")
+    backbone, head = backbone_and_head(network)
+    return [{"params": backbone, "lr": float(learning_rate) * scale, "name": "backbone"},
+            {"params": head, "lr": float(learning_rate), "name": "head"}]

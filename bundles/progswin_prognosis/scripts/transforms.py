@@ -1,4 +1,5 @@
-"""Input checks for the Eq. 3 input module: fail early, naming the patient and time point."""
+"""The Eq. 3 input module's own transforms: input checks (fail early, naming the patient and time
+point) and the mask channels stacked after the images."""
 
 from __future__ import annotations
 
@@ -59,4 +60,63 @@ class RequireNonEmptyMaskd(MapTransform):
                 raise PrognosisInputError(
                     f"patient {pid}: time point {tp}: mask is empty (no liver or tumour voxel)"
                     + (f" in {src}" if src else "") + "; check the segmentation of this scan")
+        return d
+
+
+#: what is stacked after the three masked images (``mask_channels`` id of the configs)
+MASK_CHANNELS = {"none": 0, "union": 1, "labels": 2}
+
+
+def _mode(mask_channels: str) -> str:
+    mode = str(mask_channels).strip().lower()
+    if mode not in MASK_CHANNELS:
+        raise ValueError(f"mask_channels: expected one of {sorted(MASK_CHANNELS)}; got {mask_channels!r}")
+    return mode
+
+
+def input_channels(mask_channels: str = "none", timepoints: int = 3) -> int:
+    """Network input channels for a ``mask_channels`` mode: 3 (none), 6 (union), 9 (labels)."""
+    return timepoints * (1 + MASK_CHANNELS[_mode(mask_channels)])
+
+
+def input_keys(image_keys: Sequence[str], mask_keys: Sequence[str], mask_channels: str = "none") -> list[str]:
+    """Keys ConcatItemsd stacks into ``image``: the images, then the masks unless mode is none."""
+    return list(image_keys) + ([] if _mode(mask_channels) == "none" else list(mask_keys))
+
+
+class MaskChannelsd(MapTransform):
+    """After masking: turn each (resized, nearest) label map into the channels it adds to the input.
+
+    - ``union``: one binary channel, liver or tumour (the liver's extent: useful where tissue
+      inside the liver is 0 after z-normalisation);
+    - ``labels``: two binary channels, liver (label 1) and tumour (label 2): the paper's
+      "enhanced target regions", one-hot, so the network sees how much of the liver is tumour
+      and where, at every time point;
+    - ``none``: the maps are left as they are (only the masked images are stacked).
+
+    Label values other than 0, 1, 2 are an error naming the patient and time point.
+    """
+
+    def __init__(self, keys: Sequence[Hashable], mask_channels: str = "none", patient_key: str = "patient_id") -> None:
+        super().__init__(keys)
+        self.mode = _mode(mask_channels)
+        self.patient_key = patient_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.mode == "none":
+            return d
+        for key in self.key_iterator(d):
+            mask = d[key]
+            values = torch.unique(torch.as_tensor(mask))
+            unknown = [float(v) for v in values if float(v) not in (0.0, 1.0, 2.0)]
+            if unknown:
+                tp = str(key).rsplit("_", 1)[-1]
+                raise PrognosisInputError(
+                    f"patient {d.get(self.patient_key, '<no patient_id>')}: time point {tp}: mask has "
+                    f"label value(s) {unknown[:5]}; expected 0 background, 1 liver, 2 tumour")
+            if self.mode == "union":
+                d[key] = (mask > 0).to(torch.float32)
+            else:
+                d[key] = torch.cat([mask == 1, mask == 2], dim=0).to(torch.float32)
         return d

@@ -1,0 +1,374 @@
+"""progswin_prognosis training recipe: command-line booleans, initialisation from a checkpoint
+(segmentation or ProgSwin-UNETR), the head warm-up on cached features, the learning check and
+the shipped synthetic weights. CPU, tiny settings (feature_size 12, 64^3, Swin depths 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "progswin_prognosis"
+SEG_BUNDLE = REPO / "bundles" / "hcc_liver_seg"
+CONFIGS = BUNDLE / "configs"
+TINY = {"feature_size": 12, "network_def#depths": [1, 1, 1, 1], "spatial_size": [64, 64, 64],
+        "num_workers": 0, "device": "cpu", "network_def#use_checkpoint": False}
+
+
+def _bundle_on_path(bundle: Path = BUNDLE) -> None:
+    """Make ``scripts`` resolve to ``bundle``'s package (the other bundle has one too)."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        if not (getattr(sys.modules[name], "__file__", None) or "").startswith(str(bundle)):
+            del sys.modules[name]
+    for b in (BUNDLE, SEG_BUNDLE):
+        if str(b) in sys.path:
+            sys.path.remove(str(b))
+    sys.path.insert(0, str(bundle))
+
+
+def _parser(configs: list[str], bundle: Path = BUNDLE, **overrides):
+    from monai.bundle import ConfigParser
+
+    _bundle_on_path(bundle)
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(bundle), **overrides})
+    return parser
+
+
+def _seg_network(feature_size=12, depths=(1, 1, 1, 1), seed=1):
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(seed)
+    return SwinUNETR(in_channels=1, out_channels=3, feature_size=feature_size, depths=depths, spatial_dims=3)
+
+
+@pytest.fixture(scope="module")
+def cohort(small_cohort, tmp_path_factory) -> dict:
+    """small_cohort's prognosis datalist, cut to 6 training patients (fold 1-3) + 2 of fold 0."""
+    from analysis.datalists import write_datalists
+
+    out = tmp_path_factory.mktemp("recipe_datalists")
+    content = json.loads(Path(write_datalists(small_cohort, out=out)["prognosis"]).read_text())
+    items = [it for k in range(4) for it in [i for i in content["training"] if i["fold"] == k][:2]]
+    subset = out / "prognosis_8.json"
+    subset.write_text(json.dumps({**content, "training": items, "unlabelled": []}))
+    return {"dir": str(small_cohort), "datalist": str(subset), "items": items}
+
+
+# --------------------------------------------------------------------------------- booleans
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), ("false", False),
+                                             ("True", True), ("False", False), ("1", True), ("0", False),
+                                             (1, True), (0, False), (" FALSE ", False), (None, False)])
+def test_as_bool_values(value, expected):
+    _bundle_on_path()
+    from scripts.flags import as_bool
+
+    assert as_bool(value) is expected
+
+
+def test_as_bool_refuses_other_text():
+    _bundle_on_path()
+    from scripts.flags import as_bool
+
+    with pytest.raises(ValueError, match=r"resume: expected true/false \(or 1/0\); got 'flase'"):
+        as_bool("flase", "resume")
+    with pytest.raises(ValueError, match="got 2"):
+        as_bool(2, "amp")
+
+
+@pytest.mark.parametrize("text, on", [("true", True), ("false", False), ("True", True), ("False", False),
+                                      ("1", True), ("0", False)])
+def test_boolean_ids_from_the_command_line(cohort, tmp_path, text, on):
+    """Each boolean id of train/inference, given as command-line text, has its effect."""
+    import torch
+    from monai.inferers import SimpleInferer
+
+    fold_dir = tmp_path / "models" / "fold0"
+    fold_dir.mkdir(parents=True)
+    (fold_dir / "checkpoint_epoch=3.pt").write_bytes(b"")
+    common = {**TINY, "dataset_dir": cohort["dir"], "datalist": cohort["datalist"], "ckpt_dir": str(tmp_path / "models")}
+    p = _parser(["train.json"], **{**common, "resume": text, "amp": text, "balanced_sampling": text,
+                                   "network_def#use_checkpoint": text, "keep_timepoints": text, "cache_rate": 0.0})
+    assert (p.get_parsed_content("resume_from") is not None) is on
+    assert p.get_parsed_content("train#trainer").amp is on
+    assert p.get_parsed_content("network_def").swin.swinViT.layers1[0].blocks[0].use_checkpoint is on
+    loader = p.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler) is on
+    item = p.get_parsed_content("validate#preprocessing")(_abs(cohort, 0))
+    assert ("image_t0" in item) is on  # keep_timepoints
+    q = _parser(["inference.json"], **{**common, "sliding_window": text})
+    assert (not isinstance(q.get_parsed_content("inferer"), SimpleInferer)) is on
+
+
+def _abs(cohort, index: int) -> dict:
+    item = dict(cohort["items"][index])
+    for k in list(item):
+        if k.startswith(("image_", "mask_")):
+            item[k] = os.path.join(cohort["dir"], item[k])
+    return item
+
+
+# --------------------------------------------------------------------- pretrained mapping
+def test_segmentation_checkpoint_mapping(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    _bundle_on_path()
+    from scripts.checkpoints import load_pretrained
+    from scripts.net import ProgSwinUNETR
+
+    seg = _seg_network()
+    path = tmp_path / "seg.pt"
+    torch.save(seg.state_dict(), path)  # CheckpointSaver's best model: a bare state dict
+    seg_state = seg.state_dict()
+    for in_channels in (3, 6, 9):
+        torch.manual_seed(7)
+        net = ProgSwinUNETR(in_channels=in_channels, feature_size=12, depths=(1, 1, 1, 1))
+        fresh_out = {k: v.clone() for k, v in net.swin.out.state_dict().items()}
+        fresh_in = {k: v.clone() for k, v in net.state_dict().items()}
+        assert load_pretrained(net, str(path)) == "segmentation"
+        state = net.state_dict()
+        copied = [k for k in seg_state if not k.startswith("out.")]
+        widened = {"swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight"}
+        for k in copied:
+            if k in widened:
+                w = seg_state[k]
+                assert state["swin." + k].shape == (w.shape[0], in_channels, *w.shape[2:])
+                for c in range(3):
+                    torch.testing.assert_close(state["swin." + k][:, c:c + 1], w / 3)
+                # mask channels keep the new network's own initialisation
+                assert torch.equal(state["swin." + k][:, 3:], fresh_in["swin." + k][:, 3:])
+            else:
+                assert torch.equal(state["swin." + k], seg_state[k]), k
+        # the 4-class output layer keeps its own new initialisation, not the 3-class one
+        assert net.swin.out.conv.conv.weight.shape == (4, 12, 1, 1, 1)
+        for k, v in net.swin.out.state_dict().items():
+            assert torch.equal(v, fresh_out[k]), k
+    # the first layer's response to 3 identical images = the segmentation network's to one
+    x = torch.randn(1, 1, 64, 64, 64)
+    net = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+    load_pretrained(net, str(path))
+    emb, emb_seg = net.swin.swinViT.patch_embed, seg.swinViT.patch_embed
+    with torch.no_grad():
+        torch.testing.assert_close(emb.proj(x.repeat(1, 3, 1, 1, 1)), emb_seg.proj(x), atol=1e-5, rtol=1e-5)
+        net9 = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1))
+        load_pretrained(net9, str(path))
+        x9 = torch.cat([x.repeat(1, 3, 1, 1, 1), torch.zeros(1, 6, 64, 64, 64)], 1)  # empty mask channels
+        torch.testing.assert_close(net9.swin.swinViT.patch_embed.proj(x9), emb_seg.proj(x), atol=1e-5, rtol=1e-5)
+        c1, c1_seg = net.swin.encoder1.layer.conv1.conv, seg.encoder1.layer.conv1.conv
+        torch.testing.assert_close(F.conv3d(x.repeat(1, 3, 1, 1, 1), c1.weight, padding=1),
+                                   F.conv3d(x, c1_seg.weight, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_mismatch_names_both_shapes(tmp_path):
+    import torch
+
+    _bundle_on_path()
+    from scripts.checkpoints import CheckpointMismatchError, load_pretrained
+    from scripts.net import ProgSwinUNETR
+
+    net = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+    wide = tmp_path / "seg24.pt"
+    torch.save(_seg_network(feature_size=24).state_dict(), wide)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint feature_size 24, network feature_size 12.*"
+                                                       r"checkpoint \(24, 1, 2, 2, 2\) vs network \(12, 3, 2, 2, 2\)"):
+        load_pretrained(net, str(wide))
+    deep = tmp_path / "seg_depth2.pt"
+    torch.save(_seg_network(depths=(2, 2, 2, 2)).state_dict(), deep)
+    with pytest.raises(CheckpointMismatchError, match=r"swinViT.layers1.0.blocks.1.* has no counterpart"):
+        load_pretrained(net, str(deep))
+    # a ProgSwin-UNETR checkpoint (site fine-tuning) must match exactly: 6 vs 3 input channels
+    six = tmp_path / "prog6.pt"
+    torch.save({"model": ProgSwinUNETR(in_channels=6, feature_size=12, depths=(1, 1, 1, 1)).state_dict()}, six)
+    with pytest.raises(CheckpointMismatchError, match=r"swin.swinViT.patch_embed.proj.weight: checkpoint "
+                                                       r"\(12, 6, 2, 2, 2\) vs network \(12, 3, 2, 2, 2\)"):
+        load_pretrained(net, str(six))
+    junk = tmp_path / "other.pt"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, junk)
+    with pytest.raises(CheckpointMismatchError, match="neither a ProgSwin-UNETR"):
+        load_pretrained(net, str(junk))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_pretrained_refuses_pickled_code(tmp_path, monkeypatch):
+    import torch
+
+    _bundle_on_path()
+    from scripts.checkpoints import load_pretrained
+    from scripts.net import ProgSwinUNETR
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    net = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"evil.pt: not a weights-only checkpoint"):
+        load_pretrained(net, str(bad))
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    progswin = tmp_path / "site.pt"
+    ref = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1))
+    torch.save(ref.state_dict(), progswin)
+    assert load_pretrained(net, str(progswin)) == "progswin"
+    for k, v in ref.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v)
+
+
+# ----------------------------------------------------------- warm-up, learning, pretrained
+@pytest.fixture(scope="module")
+def learned(cohort, tmp_path_factory) -> dict:
+    """The CPU recipe (configs/cpu_recipe.json) on 6 tiny patients: warm-up, then 1 epoch
+    end to end, through ``monai.bundle`` (ConfigWorkflow, in process)."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    out = tmp_path_factory.mktemp("recipe_run")
+    _bundle_on_path()
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")],
+                        workflow_type="train", logging_file=False, meta_file=str(CONFIGS / "metadata.json"),
+                        **{**TINY, "bundle_root": str(BUNDLE), "dataset_dir": cohort["dir"],
+                           "datalist": cohort["datalist"], "ckpt_dir": str(out / "models"),
+                           "output_dir": str(out / "eval"), "fold": 0, "max_epochs": 1, "val_interval": 1,
+                           "warmup_steps": 300, "batch_size": 2})
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network")
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    warmup = wf.parser.get_parsed_content("train#head_warmup")
+    after_warmup = {}
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_STARTED(once=1), lambda e: after_warmup.update(
+        {k: v.detach().clone() for k, v in net.state_dict().items()}))
+    wf.run()
+    wf.finalize()
+    return {"out": out, "before": before, "after_warmup": after_warmup, "curve": warmup.curve,
+            "after": {k: v.detach().clone() for k, v in net.state_dict().items()}, "torch": torch}
+
+
+@pytest.mark.slow
+def test_warmup_trains_only_the_head(learned):
+    torch = learned["torch"]
+    before, warm = learned["before"], learned["after_warmup"]
+    head = [k for k in before if k.startswith("swin.out.")]
+    assert head and all(not torch.equal(before[k], warm[k]) for k in head)
+    frozen = [k for k in before if k not in head]
+    assert all(torch.equal(before[k], warm[k]) for k in frozen)
+    # end-to-end training then moves the backbone too (backbone_lr_scale > 0)
+    assert any(not torch.equal(warm[k], learned["after"][k]) for k in frozen)
+
+
+@pytest.mark.slow
+def test_recipe_writes_learning_curves(learned):
+    """The warm-up and end-to-end learning curves are written per fold, with finite numbers."""
+    import pandas as pd
+
+    curve = learned["curve"]
+    assert list(curve["step"]) == [100, 200, 300] and np.isfinite(curve["train_loss"]).all()
+    out = learned["out"] / "eval" / "fold0"
+    for name in ("warmup_curve.png", "warmup_curve.csv", "learning_curve.png", "learning_curve.csv"):
+        assert (out / name).stat().st_size > 0, name
+    lc = pd.read_csv(out / "learning_curve.csv")
+    assert list(lc["epoch"]) == [1] and np.isfinite(lc.loc[0, "train_loss"]) and np.isfinite(lc.loc[0, "val_macro_auc"])
+
+
+@pytest.mark.slow
+def test_resume_with_pretrained_keeps_the_checkpoint(learned, cohort, tmp_path, caplog):
+    """A resumed run continues from its own checkpoint: neither pretrained weights nor the
+    warm-up are applied again, and the epoch count continues."""
+    import logging
+    import shutil
+
+    import torch
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    seg_ckpt = tmp_path / "seg.pt"
+    torch.save(_seg_network().state_dict(), seg_ckpt)
+    shutil.copytree(learned["out"] / "models" / "fold0", tmp_path / "models" / "fold0")
+    _bundle_on_path()
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_recipe.json")],
+                        workflow_type="train", logging_file=False, meta_file=str(CONFIGS / "metadata.json"),
+                        **{**TINY, "bundle_root": str(BUNDLE), "dataset_dir": cohort["dir"],
+                           "datalist": cohort["datalist"], "ckpt_dir": str(tmp_path / "models"),
+                           "output_dir": str(tmp_path / "eval"), "fold": 0, "max_epochs": 2,
+                           "warmup_steps": 300, "batch_size": 2, "resume": "true", "pretrained": str(seg_ckpt)})
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    at_start = {}
+    trainer.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: at_start.update(
+        {k: v.detach().clone() for k, v in net.state_dict().items()}))
+    with caplog.at_level(logging.INFO):
+        wf.run()
+    wf.finalize()
+    assert trainer.state.epoch == 2
+    saved = torch.load(tmp_path / "models" / "fold0" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
+    for k, v in saved.items():
+        assert torch.equal(at_start[k], v), k
+    text = caplog.text
+    assert "pretrained" in text and "not reloaded" in text and "head warm-up skipped" in text
+
+
+def test_fresh_run_loads_pretrained(cohort, tmp_path):
+    """pretrained = an hcc_liver_seg checkpoint: the network starts from it (one iteration run)."""
+    import torch
+    from ignite.engine import Events
+
+    seg = _seg_network()
+    seg_ckpt = tmp_path / "seg.pt"
+    torch.save(seg.state_dict(), seg_ckpt)
+    p = _parser(["train.json"], **{**TINY, "dataset_dir": cohort["dir"], "datalist": cohort["datalist"],
+                                   "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"),
+                                   "pretrained": str(seg_ckpt), "cache_rate": 0.0})
+    net = p.get_parsed_content("network")
+    trainer = p.get_parsed_content("train#trainer")
+    p.get_parsed_content("train#pretrained_loader").attach(trainer)
+    seen = {}
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=1), lambda e: (seen.update(
+        {"w": net.swin.encoder2.layer.conv1.conv.weight.detach().clone()}), e.terminate()))
+    trainer.run()
+    assert torch.equal(seen["w"], seg.encoder2.layer.conv1.conv.weight)
+
+
+# --------------------------------------------------------------------------- shipped files
+def _large_files(bundle: Path) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+
+
+@pytest.mark.parametrize("bundle", [SEG_BUNDLE], ids=["hcc_liver_seg"])
+def test_shipped_weights_match_sha256_and_load(bundle):
+    import torch
+
+    entries = [e for e in _large_files(bundle) if "synthetic" in e["path"]]
+    assert entries, f"{bundle.name}: no synthetic weights listed in large_files.yml"
+    for entry in entries:
+        path = bundle / entry["path"]
+        assert path.stat().st_size <= 25 * 1024 * 1024, f"{path} is over the Model Zoo's 25 MB"
+        assert entry["hash_type"] == "sha256"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["hash_val"], path
+    p = _parser(["inference.json", "synthetic_weights.json"], bundle=bundle, device="cpu")
+    net = p.get_parsed_content("network_def")
+    ckpt = p.get_parsed_content("load_path" if bundle == BUNDLE else "ckpt_path")
+    assert os.path.isfile(ckpt) and Path(ckpt).resolve() == (bundle / entries[0]["path"]).resolve()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    net.load_state_dict(state)  # strict: every tensor of the overlay's network is in the file
+    assert all(v.dtype == torch.float32 for v in net.state_dict().values() if v.is_floating_point())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert any("synthetic" in k for k in meta["eval_metrics"]), meta["eval_metrics"]
