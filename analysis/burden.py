@@ -50,7 +50,7 @@ from sklearn.preprocessing import StandardScaler
 from analysis import metrics
 from analysis.cohort import LABELS, TIMEPOINTS, derive_risk_class, find_scan, mask_path, read_clinical
 from analysis.io import write_csv, write_json
-from analysis.models import NUM_CLASSES, PROB_COLUMNS, _predict4, design_splits, read_dl_predictions
+from analysis.models import NUM_CLASSES, PROB_COLUMNS, _predict4, design_splits, prediction_frame, read_dl_predictions
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _clinical_ids(path: Path) -> list[str]:
     return [p for p in frame["patient_id"].str.strip() if p]
 
 
-def _read_mask(path: Path) -> tuple[np.ndarray, float]:
+def read_mask(path: Path) -> tuple[np.ndarray, float]:
     """(labels, voxel volume in mm^3) of one mask file; errors name the file."""
     import nibabel as nib
 
@@ -140,7 +140,7 @@ def _read_mask(path: Path) -> tuple[np.ndarray, float]:
 
 
 def _burden_at(path: Path) -> dict[str, float]:
-    data, voxel_mm3 = _read_mask(path)
+    data, voxel_mm3 = read_mask(path)
     tumour = data == LABELS["tumour"]
     n_tumour = int(tumour.sum())
     n_liver = n_tumour + int((data == LABELS["liver"]).sum())
@@ -257,13 +257,8 @@ def predict_burden_cv4(features, clinical, seed: int = 0) -> pd.DataFrame:
             raise ValueError(f"cv4 fold {fold}: training patients hold only class {classes.tolist()}")
         # labels re-encoded 0..m-1, the encoding models._predict4 maps back to the four classes
         pipe = burden_model(seed).fit(X.iloc[tr], np.searchsorted(classes, y_tr))
-        probs = _predict4(pipe, classes, X.iloc[te])
-        frame = pd.DataFrame(probs, columns=PROB_COLUMNS)
-        frame.insert(0, "fold", fold)
-        frame.insert(0, "patient_id", X.index[te])
-        frame["pred_class"] = probs.argmax(axis=1)
-        frame["label"] = y.iloc[te].to_numpy()
-        frames.append(frame)
+        frames.append(prediction_frame(_predict4(pipe, classes, X.iloc[te]), X.index[te], fold,
+                                       y.iloc[te].to_numpy()))
     oof = pd.concat(frames, ignore_index=True)
     return oof.sort_values("patient_id", kind="stable").reset_index(drop=True)
 

@@ -339,6 +339,16 @@ def _predict4(pipe: Pipeline, classes: np.ndarray, X_test) -> np.ndarray:
     return out
 
 
+def prediction_frame(probs: np.ndarray, patient_ids, fold: int, labels) -> pd.DataFrame:
+    """One fold's rows of the prediction-file contract: patient_id, fold, prob_0..3, pred_class, label."""
+    frame = pd.DataFrame(probs, columns=PROB_COLUMNS)
+    frame.insert(0, "fold", fold)
+    frame.insert(0, "patient_id", list(patient_ids))
+    frame["pred_class"] = probs.argmax(axis=1)
+    frame["label"] = labels
+    return frame
+
+
 def predict_design(X: pd.DataFrame, y: pd.Series, design: str, models=MODEL_NAMES, seed: int = 0,
                    corr_threshold: float = 0.9) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Per model, predictions (predictions.csv columns + label) of the design's test patients,
@@ -354,13 +364,8 @@ def predict_design(X: pd.DataFrame, y: pd.Series, design: str, models=MODEL_NAME
         # labels re-encoded 0..m-1 for the fit: XGBoost requires contiguous labels
         fitted = fit_models(X.iloc[tr], np.searchsorted(classes, y_tr), list(models), seed, corr_threshold)
         for m, pipe in fitted.items():
-            probs = _predict4(pipe, classes, X.iloc[te])
-            frame = pd.DataFrame(probs, columns=PROB_COLUMNS)
-            frame.insert(0, "fold", fold)
-            frame.insert(0, "patient_id", X.index[te])
-            frame["pred_class"] = probs.argmax(axis=1)
-            frame["label"] = y.iloc[te].to_numpy()
-            preds[m].append(frame)
+            preds[m].append(prediction_frame(_predict4(pipe, classes, X.iloc[te]), X.index[te], fold,
+                                             y.iloc[te].to_numpy()))
         sel = pipe.named_steps["select"]
         for rank, j in enumerate(sel.support_):
             selected.append({"design": design, "fold": fold, "rank": rank, "feature": X.columns[j],

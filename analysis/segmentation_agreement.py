@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.burden import _read_mask  # same reading, value check and error wording as burden
+from analysis.burden import read_mask  # same reading, value check and error wording as burden
 from analysis.cohort import AFFINE_TOLERANCE_MM, LABELS, TIMEPOINTS, find_scan, mask_path
 from analysis.io import write_csv
 
@@ -91,7 +91,7 @@ def _labelled_scans(labels: Path) -> list[tuple[str, str, Path]]:
 def _read_with_affine(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    data, _ = _read_mask(path)  # raises naming the file: unreadable, not 3-D, values not 0/1/2
+    data, _ = read_mask(path)  # raises naming the file: unreadable, not 3-D, values not 0/1/2
     # a header-only load (the voxels were read above): cheap, and keeps burden's reader unchanged
     return data, np.asarray(nib.load(str(path)).affine, dtype=np.float64)
 
