@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 INPUT_LAYERS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight")
 #: the output layer (3 segmentation classes -> 4 risk classes) is not copied: newly initialised
 OUTPUT_PREFIX = "out."
+#: ProgSwin-UNETR's head keys (Eq. 6 ``swin.out``; the hidden-layer variant adds ``classifier``)
+HEAD_PREFIXES = ("swin." + OUTPUT_PREFIX, "classifier.")
 
 
 class CheckpointMismatchError(ValueError):
@@ -89,8 +91,9 @@ def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 
       channels after them keep the network's own random initialisation, so the label maps
       reach the features from the first step (zero weights would hide them from a head-only
       warm-up, whose backbone does not move);
-    - the output layer (``out.*``: 3 segmentation classes) is left out: the 4-class head keeps
-      its own new initialisation.
+    - the output layer (``out.*``: 3 segmentation classes) is left out: the 4-class head
+      (``swin.out``, and ``classifier`` in the hidden-layer variant) keeps its own new
+      initialisation.
 
     Returns (state to load with strict=False, the keys left at their initialisation). A shape
     that differs for any other reason (feature_size, depths, heads) is an error naming the key
@@ -115,7 +118,7 @@ def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(want)}")
             continue
         mapped[target_key] = value
-    missing = [k for k in target_state if k not in mapped and not k.startswith("swin." + OUTPUT_PREFIX)]
+    missing = [k for k in target_state if k not in mapped and not k.startswith(HEAD_PREFIXES)]
     problems += [f"{k} {tuple(target_state[k].shape)}: not in the checkpoint" for k in missing]
     if problems:
         raise CheckpointMismatchError(_mismatch_message("segmentation", seg_state, target_state, problems))

@@ -22,6 +22,14 @@ class ProgSwinUNETR(nn.Module):
     mean over all voxels; :meth:`features` gives what it reads and :meth:`head` applies it, so a
     head can be trained on cached features (``scripts.warmup``).
 
+    ``head_hidden`` > 0 selects the *hidden-layer* variant: ``swin.out`` maps the decoder
+    features to ``head_hidden`` channels, ReLU, then a second 1x1x1 convolution
+    (``classifier``) maps them to the class scores, and the mean over voxels is the logit.
+    Each voxel then votes through a small MLP instead of one linear map: Eq. 6's four
+    ReLU'd linear scores cannot count "heterogeneous tumour here" without also counting the
+    liver around it (docs/README.md, "Quality on the synthetic cohort"). The dense map stays a
+    per-voxel class map whose mean is the logit, so sliding windows and Grad-CAM++ work alike.
+
     Args:
         in_channels: input channels, 3 per extra kind of map: 3 = the masked images at t0, t1,
             t2 (paper, Eq. 3; ``mask_channels`` none), 6 = images + binary liver masks (union),
@@ -30,6 +38,7 @@ class ProgSwinUNETR(nn.Module):
         out_channels: number of risk classes (4).
         feature_size: Swin-UNETR embedding size, a multiple of 12 (paper-size model: 48).
         depths, num_heads: Swin stages, SwinUNETR's defaults; tests shrink depths to save time.
+        head_hidden: 0 = the paper's Eq. 6 head; > 0 = the hidden-layer head with that width.
         use_checkpoint: gradient checkpointing (less memory, ~30% slower): training only.
     """
 
@@ -42,6 +51,7 @@ class ProgSwinUNETR(nn.Module):
         num_heads: Sequence[int] = (3, 6, 12, 24),
         use_checkpoint: bool = False,
         dropout_path_rate: float = 0.0,
+        head_hidden: int = 0,
     ) -> None:
         super().__init__()
         if int(feature_size) % 12:
@@ -49,9 +59,12 @@ class ProgSwinUNETR(nn.Module):
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.feature_size = int(feature_size)
+        self.head_hidden = int(head_hidden)
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be 0 (Eq. 6 head) or a positive width; got {head_hidden}")
         self.swin = SwinUNETR(
             in_channels=self.in_channels,
-            out_channels=self.out_channels,
+            out_channels=self.head_hidden or self.out_channels,
             feature_size=self.feature_size,
             depths=tuple(int(d) for d in depths),
             num_heads=tuple(int(h) for h in num_heads),
@@ -60,6 +73,9 @@ class ProgSwinUNETR(nn.Module):
             spatial_dims=3,
         )
         self.pool = nn.AdaptiveAvgPool3d(1)
+        # a 1x1x1 convolution rather than a Linear after pooling: the same map (the mean is
+        # linear), but it keeps a dense per-voxel class map for stitching and saliency
+        self.classifier = nn.Conv3d(self.head_hidden, self.out_channels, 1) if self.head_hidden else None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -71,10 +87,16 @@ class ProgSwinUNETR(nn.Module):
                 f"every spatial side must be a multiple of 32 and at least 64 (SwinUNETR has 5 "
                 f"downsamplings, and 32 leaves a 1-voxel bottleneck); got {tuple(x.shape[2:])}")
 
+    def _classify(self, out: torch.Tensor) -> torch.Tensor:
+        """The per-voxel class map from ``swin.out``'s output."""
+        h = torch.relu(out)
+        return h if self.classifier is None else self.classifier(h)
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU of the decoder's dense class map, (B, C, D, H, W): what sliding windows stitch."""
+        """The dense class map (B, C, D, H, W) whose mean over voxels is the logit: what
+        sliding windows stitch (Eq. 6: ReLU of the decoder's class map)."""
         self._check_input(x)
-        return torch.relu(self.swin(x))
+        return self._classify(self.swin(x))
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
         d = self.dense(x)
@@ -96,8 +118,13 @@ class ProgSwinUNETR(nn.Module):
         return caught[0]
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Eq. 6 on decoder features: 1x1x1 convolution, ReLU, mean over voxels -> (B, classes)."""
-        return self.pool(torch.relu(self.swin.out(features))).flatten(1)
+        """The head on decoder features -> (B, classes). Eq. 6: 1x1x1 convolution, ReLU, mean
+        over voxels; hidden-layer variant: the same, then ``classifier``, then the mean."""
+        return self.pool(self._classify(self.swin.out(features))).flatten(1)
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules of the head: ``swin.out`` (and ``classifier``)."""
+        return [self.swin.out] + ([] if self.classifier is None else [self.classifier])
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -106,11 +133,12 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def backbone_and_head(network: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(encoder/decoder parameters, Eq. 6 head parameters)."""
+    """(encoder/decoder parameters, head parameters)."""
     net = unwrap(network)
-    head_ids = {id(p) for p in net.swin.out.parameters()}
+    head = [p for m in net.head_modules() for p in m.parameters()]
+    head_ids = {id(p) for p in head}
     backbone = [p for p in net.parameters() if id(p) not in head_ids]
-    return backbone, list(net.swin.out.parameters())
+    return backbone, head
 
 
 def param_groups(network: nn.Module, learning_rate: float, backbone_lr_scale: float = 1.0) -> list[dict]:

@@ -73,7 +73,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
                learning_rate: float = 3e-3, batch_size: int = 8, balanced: bool = True,
                weight_decay: float = 1e-4, device="cpu", seed: int = 0, log_interval: int = 100,
                val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None) -> pd.DataFrame:
-    """``steps`` AdamW updates of the Eq. 6 head (``swin.out``) only, on cached features, the
+    """``steps`` AdamW updates of the head only (``swin.out``, and ``classifier`` in the
+    hidden-layer variant), on cached features, the
     learning rate decaying from ``learning_rate`` to 0 on a cosine.
 
     Batches are drawn with replacement, class-balanced when ``balanced``. Returns the learning
@@ -82,8 +83,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     accuracy.
     """
     net = unwrap(network)
-    head = net.swin.out
-    optimizer = torch.optim.AdamW(head.parameters(), lr=float(learning_rate), weight_decay=float(weight_decay))
+    head = [p for m in net.head_modules() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(head, lr=float(learning_rate), weight_decay=float(weight_decay))
     # cosine decay to 0: the head's problem is small and nearly convex, a high rate early and a
     # small one late converges in far fewer steps than one fixed rate
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(steps), 1))
