@@ -205,6 +205,28 @@ def test_head_variants_split_and_map(tmp_path, head_hidden):
         ProgSwinUNETR(in_channels=3, feature_size=12, head_hidden=-1)
 
 
+def test_window_size_is_a_network_option(tmp_path):
+    """window_size 4 (the CPU recipe's) builds and runs at 64^3; a window-7 segmentation
+    checkpoint does not fit it, and the error names the attention tables' shapes."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.checkpoints import CheckpointMismatchError, load_pretrained
+    from scripts.net import ProgSwinUNETR
+
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), window_size=4).eval()
+    table = net.swin.swinViT.layers1[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape == (7 ** 3, 3)  # (2 x 4 - 1)^3 relative positions, 3 heads
+    with torch.no_grad():
+        out = net(torch.randn(1, 9, 64, 64, 64))
+    assert out.shape == (1, 4) and torch.isfinite(out).all()
+    path = tmp_path / "seg_w7.pt"
+    torch.save(_seg_network().state_dict(), path)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"relative_position_bias_table: checkpoint \(2197, 3\) vs network \(343, 3\)"):
+        load_pretrained(net, str(path))
+
+
 def test_pretrained_mismatch_names_both_shapes(tmp_path):
     import torch
 
@@ -323,13 +345,14 @@ def test_recipe_writes_learning_curves(learned):
 @pytest.mark.slow
 def test_recipe_learns_its_training_patients(learned):
     """The learning check: the CPU recipe's head warm-up fits its 6 tiny training patients
-    (training accuracy 1.0 within 300 head steps, loss well below the chance level ln 4). A
-    network, head, feature cache or optimiser wiring that cannot learn fails here. (The one
-    end-to-end epoch after it, 3 augmented steps, is too short to assert a fit on.)"""
+    (training accuracy 1.0 within 300 head steps, the loss falling at every logged step to well
+    below the chance level ln 4). A network, head, feature cache or optimiser wiring that cannot
+    learn fails here. (The one end-to-end epoch after it, 3 augmented steps, is too short to
+    assert a fit on.) Seeded, so the same on every run of the same platform."""
     curve = learned["curve"]
-    assert curve["train_loss"].iloc[0] > curve["train_loss"].iloc[-1], curve.to_string()
+    assert (np.diff(curve["train_loss"]) < 0).all(), curve.to_string()
     assert curve["train_accuracy"].iloc[-1] == 1.0, curve.to_string()
-    assert curve["train_loss"].iloc[-1] < 0.5 * np.log(4), curve.to_string()
+    assert curve["train_loss"].iloc[-1] < 0.6 * np.log(4), curve.to_string()
 
 
 @pytest.mark.slow

@@ -39,6 +39,10 @@ class ProgSwinUNETR(nn.Module):
         feature_size: Swin-UNETR embedding size, a multiple of 12 (paper-size model: 48).
         depths, num_heads: Swin stages, SwinUNETR's defaults; tests shrink depths to save time.
         head_hidden: 0 = the paper's Eq. 6 head; > 0 = the hidden-layer head with that width.
+        window_size: Swin attention window (SwinUNETR's default 7, the paper's). On a CPU the
+            window attention is most of a training step at 64^3 (7^3 = 343 tokens per window,
+            and 32 tokens per side padded to 35); 4 divides every stage of a 64^3 input and
+            makes a step 3-4x cheaper there (docs/README.md, "Recipe measurements").
         use_checkpoint: gradient checkpointing (less memory, ~30% slower): training only.
     """
 
@@ -52,6 +56,7 @@ class ProgSwinUNETR(nn.Module):
         use_checkpoint: bool = False,
         dropout_path_rate: float = 0.0,
         head_hidden: int = 0,
+        window_size: int = 7,
     ) -> None:
         super().__init__()
         if int(feature_size) % 12:
@@ -68,6 +73,7 @@ class ProgSwinUNETR(nn.Module):
             feature_size=self.feature_size,
             depths=tuple(int(d) for d in depths),
             num_heads=tuple(int(h) for h in num_heads),
+            window_size=int(window_size),
             use_checkpoint=as_bool(use_checkpoint, "use_checkpoint"),
             dropout_path_rate=dropout_path_rate,
             spatial_dims=3,
