@@ -25,10 +25,10 @@ class ProgSwinUNETR(nn.Module):
     ``head_hidden`` > 0 selects the *hidden-layer* variant: ``swin.out`` maps the decoder
     features to ``head_hidden`` channels, ReLU, then a second 1x1x1 convolution
     (``classifier``) maps them to the class scores, and the mean over voxels is the logit.
-    Each voxel then votes through a small MLP instead of one linear map: Eq. 6's four
-    ReLU'd linear scores cannot count "heterogeneous tumour here" without also counting the
-    liver around it (docs/README.md, "Quality on the synthetic cohort"). The dense map stays a
-    per-voxel class map whose mean is the logit, so sliding windows and Grad-CAM++ work alike.
+    Each voxel then votes through a small MLP instead of one linear map; on frozen features it
+    fits the training patients better than Eq. 6 (docs/README.md, "Recipe measurements"). The
+    dense map stays a per-voxel class map whose mean is the logit, so sliding windows stitch it
+    as they stitch Eq. 6's.
 
     Args:
         in_channels: input channels, 3 per extra kind of map: 3 = the masked images at t0, t1,
@@ -42,7 +42,7 @@ class ProgSwinUNETR(nn.Module):
         window_size: Swin attention window (SwinUNETR's default 7, the paper's). On a CPU the
             window attention is most of a training step at 64^3 (7^3 = 343 tokens per window,
             and 32 tokens per side padded to 35); 4 divides every stage of a 64^3 input and
-            makes a step 3-4x cheaper there (docs/README.md, "Recipe measurements").
+            makes a training step 3.6x cheaper there (docs/README.md, "Recipe measurements").
         use_checkpoint: gradient checkpointing (less memory, ~30% slower): training only.
     """
 

@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from scripts.flags import as_bool
 from scripts.io import save_figure
 from scripts.metrics import AbsentClassWarning, accuracy, macro_auc
-from scripts.net import unwrap
+from scripts.net import backbone_and_head, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     accuracy.
     """
     net = unwrap(network)
-    head = [p for m in net.head_modules() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(head, lr=float(learning_rate), weight_decay=float(weight_decay))
+    optimizer = torch.optim.AdamW(backbone_and_head(net)[1], lr=float(learning_rate), weight_decay=float(weight_decay))
     # cosine decay to 0: the head's problem is small and nearly convex, a high rate early and a
     # small one late converges in far fewer steps than one fixed rate
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(steps), 1))
