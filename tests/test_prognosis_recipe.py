@@ -205,6 +205,72 @@ def test_head_variants_split_and_map(tmp_path, head_hidden):
         ProgSwinUNETR(in_channels=3, feature_size=12, head_hidden=-1)
 
 
+def test_region_pooling_reads_each_mask_region():
+    """pooling 'regions': the classifier reads the hidden map's mean over all voxels, then per
+    mask channel its mean and (population) standard deviation over that region, computed here
+    by boolean indexing; an empty region pools to 0; features() + head() give forward()."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR, backbone_and_head
+
+    torch.manual_seed(4)
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=5,
+                        window_size=4, pooling="regions").eval()
+    x = torch.randn(2, 9, 64, 64, 64)
+    x[:, 3:] = (torch.rand(2, 6, 64, 64, 64) > 0.8).float()
+    x[1, 4] = 0.0  # patient 1 has no tumour at t0
+    seen = []
+    net.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    with torch.no_grad():
+        logits = net(x)
+        h = torch.relu(net.swin.out(net.features(x)))
+        torch.testing.assert_close(net.head(net.features(x), net.regions(x)), logits)
+    pooled = seen[0]
+    assert logits.shape == (2, 4) and pooled.shape == (2, 5 * (1 + 2 * 6))
+    for b in range(2):
+        expected = [h[b].flatten(1).mean(1)]
+        means, stds = [], []
+        for r in range(6):
+            inside = h[b][:, x[b, 3 + r] > 0]  # (5, voxels in region r)
+            means.append(inside.mean(1) if inside.shape[1] else torch.zeros(5))
+            stds.append(inside.std(1, unbiased=False) if inside.shape[1] else torch.zeros(5))
+        expected = torch.cat(expected + means + stds)
+        torch.testing.assert_close(pooled[b], expected, atol=2e-3, rtol=1e-4)
+    assert torch.all(pooled[1, 5 * 2:5 * 3] == 0)  # empty tumour region at t0: mean 0
+    backbone, head = backbone_and_head(net)
+    assert len(head) == 4 and len(backbone) + len(head) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"in_channels": 3, "head_hidden": 8}, "needs head_hidden > 0 and mask channels"),
+    ({"in_channels": 9, "head_hidden": 0}, "needs head_hidden > 0 and mask channels"),
+    ({"in_channels": 9, "head_hidden": 8, "pooling": "max"}, "pooling: expected one of"),
+])
+def test_region_pooling_refuses_what_it_cannot_pool(kwargs, message):
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+
+    with pytest.raises(ValueError, match=message):
+        ProgSwinUNETR(feature_size=12, depths=(1, 1, 1, 1), pooling=kwargs.pop("pooling", "regions"), **kwargs)
+
+
+def test_region_pooling_has_no_dense_map():
+    """No per-voxel class map: the sliding-window inferer's dense call and a head call without
+    the masks are refused with what to do, not a shape error from deep inside."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=4, pooling="regions")
+    x = torch.zeros(1, 9, 64, 64, 64)
+    with pytest.raises(ValueError, match="sliding_window false"):
+        net(x, dense=True)
+    with pytest.raises(ValueError, match="needs the 6 mask channels"):
+        net.head(torch.zeros(1, 12, 8, 8, 8))
+
+
 def test_window_size_is_a_network_option(tmp_path):
     """window_size 4 (the CPU recipe's) builds and runs at 64^3; a window-7 segmentation
     checkpoint does not fit it, and the error names the attention tables' shapes."""

@@ -11,6 +11,10 @@ from torch import nn
 from scripts.flags import as_bool
 
 
+#: the heads' pooling: Eq. 6's mean over all voxels, or the region-pooling variant
+POOLINGS = ("mean", "regions")
+
+
 class ProgSwinUNETR(nn.Module):
     """Four risk-class scores from a stack of masked time points.
 
@@ -30,6 +34,15 @@ class ProgSwinUNETR(nn.Module):
     dense map stays a per-voxel class map whose mean is the logit, so sliding windows stitch it
     as they stitch Eq. 6's.
 
+    ``pooling="regions"`` selects the *region-pooling* variant: the hidden map (``swin.out`` to
+    ``head_hidden`` channels, ReLU) is pooled over the whole volume (Eq. 6's mean) and, per mask
+    channel of the input (liver and tumour at t0, t1, t2 with ``mask_channels`` labels), by its
+    mean and standard deviation over that region's voxels; a linear ``classifier`` maps the
+    concatenation to the class scores. Eq. 6 averages every voxel, so the tumour, a few percent of
+    the liver box, is diluted by the rest; region pooling reads the tumour's own features and
+    their spread (enhancement heterogeneity) at each time point. It has no per-voxel class map,
+    so whole-volume inference only (``sliding_window`` false).
+
     Args:
         in_channels: input channels, 3 per extra kind of map: 3 = the masked images at t0, t1,
             t2 (paper, Eq. 3; ``mask_channels`` none), 6 = images + binary liver masks (union),
@@ -39,6 +52,10 @@ class ProgSwinUNETR(nn.Module):
         feature_size: Swin-UNETR embedding size, a multiple of 12 (paper-size model: 48).
         depths, num_heads: Swin stages, SwinUNETR's defaults; tests shrink depths to save time.
         head_hidden: 0 = the paper's Eq. 6 head; > 0 = the hidden-layer head with that width.
+        pooling: ``"mean"`` (Eq. 6, the mean over all voxels) or ``"regions"`` (region pooling,
+            needs ``head_hidden`` > 0 and mask channels in the input).
+        image_channels: how many leading input channels are images (3: t0, t1, t2); the
+            channels after them are the masks that ``"regions"`` pools over.
         window_size: Swin attention window (SwinUNETR's default 7, the paper's). On a CPU the
             window attention is most of a training step at 64^3 (7^3 = 343 tokens per window,
             and 32 tokens per side padded to 35); 4 divides every stage of a 64^3 input and
@@ -57,6 +74,8 @@ class ProgSwinUNETR(nn.Module):
         dropout_path_rate: float = 0.0,
         head_hidden: int = 0,
         window_size: int = 7,
+        pooling: str = "mean",
+        image_channels: int = 3,
     ) -> None:
         super().__init__()
         if int(feature_size) % 12:
@@ -67,6 +86,16 @@ class ProgSwinUNETR(nn.Module):
         self.head_hidden = int(head_hidden)
         if self.head_hidden < 0:
             raise ValueError(f"head_hidden must be 0 (Eq. 6 head) or a positive width; got {head_hidden}")
+        self.pooling = str(pooling).strip().lower()
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: expected one of {list(POOLINGS)}; got {pooling!r}")
+        self.image_channels = int(image_channels)
+        self.n_regions = self.in_channels - self.image_channels
+        if self.pooling == "regions" and (self.head_hidden == 0 or self.n_regions < 1):
+            raise ValueError(
+                f"pooling 'regions' needs head_hidden > 0 and mask channels after the {self.image_channels} "
+                f"images (mask_channels union or labels); got head_hidden {self.head_hidden}, "
+                f"in_channels {self.in_channels}")
         self.swin = SwinUNETR(
             in_channels=self.in_channels,
             out_channels=self.head_hidden or self.out_channels,
@@ -81,7 +110,13 @@ class ProgSwinUNETR(nn.Module):
         self.pool = nn.AdaptiveAvgPool3d(1)
         # a 1x1x1 convolution rather than a Linear after pooling: the same map (the mean is
         # linear), but it keeps a dense per-voxel class map for stitching and saliency
-        self.classifier = nn.Conv3d(self.head_hidden, self.out_channels, 1) if self.head_hidden else None
+        if self.pooling == "regions":
+            # global mean + per-region mean and std of each hidden channel
+            self.classifier = nn.Linear(self.head_hidden * (1 + 2 * self.n_regions), self.out_channels)
+        elif self.head_hidden:
+            self.classifier = nn.Conv3d(self.head_hidden, self.out_channels, 1)
+        else:
+            self.classifier = None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -101,12 +136,21 @@ class ProgSwinUNETR(nn.Module):
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The dense class map (B, C, D, H, W) whose mean over voxels is the logit: what
         sliding windows stitch (Eq. 6: ReLU of the decoder's class map)."""
+        if self.pooling == "regions":
+            raise ValueError("pooling 'regions' has no per-voxel class map (its scores pool each mask "
+                             "region over the whole volume): use whole-volume inference, sliding_window false")
         self._check_input(x)
         return self._classify(self.swin(x))
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        if self.pooling == "regions" and not dense:
+            return self.head(self.features(x), self.regions(x))
         d = self.dense(x)
         return d if dense else self.pool(d).flatten(1)
+
+    def regions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask channels that region pooling pools over (B, R, D, H, W); None for Eq. 6."""
+        return x[:, self.image_channels:] if self.pooling == "regions" else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last decoder stage's output (B, feature_size, D, H, W): the input of ``swin.out``.
@@ -123,10 +167,23 @@ class ProgSwinUNETR(nn.Module):
             hook.remove()
         return caught[0]
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def head(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
         """The head on decoder features -> (B, classes). Eq. 6: 1x1x1 convolution, ReLU, mean
-        over voxels; hidden-layer variant: the same, then ``classifier``, then the mean."""
-        return self.pool(self._classify(self.swin.out(features))).flatten(1)
+        over voxels; hidden-layer variant: the same, then ``classifier``, then the mean; region
+        pooling: the hidden map's pooled statistics (``regions``: the mask channels, on the
+        features' grid), then ``classifier``."""
+        if self.pooling != "regions":
+            return self.pool(self._classify(self.swin.out(features))).flatten(1)
+        if regions is None or regions.shape[2:] != features.shape[2:] or regions.shape[1] != self.n_regions:
+            raise ValueError(f"pooling 'regions' needs the {self.n_regions} mask channels on the features' grid "
+                             f"{tuple(features.shape[2:])}; got {None if regions is None else tuple(regions.shape)}")
+        h = torch.relu(self.swin.out(features)).flatten(2)  # (B, H, V)
+        m = regions.flatten(2).to(h.dtype)  # (B, R, V)
+        count = m.sum(-1).unsqueeze(-1) + 1e-6  # an empty region pools to 0
+        mean = torch.einsum("bhv,brv->brh", h, m) / count
+        square = torch.einsum("bhv,brv->brh", h * h, m) / count
+        std = torch.sqrt(torch.clamp(square - mean * mean, min=0.0) + 1e-6)
+        return self.classifier(torch.cat([h.mean(-1), mean.flatten(1), std.flatten(1)], 1))
 
     def head_modules(self) -> list[nn.Module]:
         """The modules of the head: ``swin.out`` (and ``classifier``)."""
