@@ -205,10 +205,13 @@ def test_head_variants_split_and_map(tmp_path, head_hidden):
         ProgSwinUNETR(in_channels=3, feature_size=12, head_hidden=-1)
 
 
-def test_region_pooling_reads_each_mask_region():
-    """pooling 'regions': the classifier reads the hidden map's mean over all voxels, then per
+@pytest.mark.parametrize("pooling", ["regions", "regions_images"])
+def test_region_pooling_reads_each_mask_region(pooling):
+    """Region pooling: the classifier reads the hidden map's mean over all voxels, then per
     mask channel its mean and (population) standard deviation over that region, computed here
-    by boolean indexing; an empty region pools to 0; features() + head() give forward()."""
+    by boolean indexing; regions_images adds, per region, its own time point's image mean and
+    std there and the region's share of the volume; an empty region pools to 0; features() +
+    head() give forward()."""
     import torch
 
     _bundle_on_path()
@@ -216,7 +219,7 @@ def test_region_pooling_reads_each_mask_region():
 
     torch.manual_seed(4)
     net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=5,
-                        window_size=4, pooling="regions").eval()
+                        window_size=4, pooling=pooling).eval()
     x = torch.randn(2, 9, 64, 64, 64)
     x[:, 3:] = (torch.rand(2, 6, 64, 64, 64) > 0.8).float()
     x[1, 4] = 0.0  # patient 1 has no tumour at t0
@@ -225,17 +228,25 @@ def test_region_pooling_reads_each_mask_region():
     with torch.no_grad():
         logits = net(x)
         h = torch.relu(net.swin.out(net.features(x)))
-        torch.testing.assert_close(net.head(net.features(x), net.regions(x)), logits)
+        torch.testing.assert_close(net.head(net.features(x), net.pooling_input(x)), logits)
     pooled = seen[0]
-    assert logits.shape == (2, 4) and pooled.shape == (2, 5 * (1 + 2 * 6))
+    extra = 3 * 6 if pooling == "regions_images" else 0
+    assert logits.shape == (2, 4) and pooled.shape == (2, 5 * (1 + 2 * 6) + extra)
     for b in range(2):
         expected = [h[b].flatten(1).mean(1)]
-        means, stds = [], []
+        means, stds, image_means, image_stds, shares = [], [], [], [], []
         for r in range(6):
-            inside = h[b][:, x[b, 3 + r] > 0]  # (5, voxels in region r)
+            region = x[b, 3 + r] > 0
+            inside = h[b][:, region]  # (5, voxels in region r)
             means.append(inside.mean(1) if inside.shape[1] else torch.zeros(5))
             stds.append(inside.std(1, unbiased=False) if inside.shape[1] else torch.zeros(5))
+            own = x[b, r // 2][region]  # liver and tumour of t_k pool the image of t_k
+            image_means.append(own.mean() if own.numel() else torch.tensor(0.0))
+            image_stds.append(own.std(unbiased=False) if own.numel() else torch.tensor(0.0))
+            shares.append(region.float().mean())
         expected = torch.cat(expected + means + stds)
+        if extra:
+            expected = torch.cat([expected, torch.stack(image_means), torch.stack(image_stds), torch.stack(shares)])
         torch.testing.assert_close(pooled[b], expected, atol=2e-3, rtol=1e-4)
     assert torch.all(pooled[1, 5 * 2:5 * 3] == 0)  # empty tumour region at t0: mean 0
     backbone, head = backbone_and_head(net)
@@ -267,7 +278,7 @@ def test_region_pooling_has_no_dense_map():
     x = torch.zeros(1, 9, 64, 64, 64)
     with pytest.raises(ValueError, match="sliding_window false"):
         net(x, dense=True)
-    with pytest.raises(ValueError, match="needs the 6 mask channels"):
+    with pytest.raises(ValueError, match="needs the 9-channel input"):
         net.head(torch.zeros(1, 12, 8, 8, 8))
 
 

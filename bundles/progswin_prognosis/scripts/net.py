@@ -12,7 +12,7 @@ from scripts.flags import as_bool
 
 
 #: the heads' pooling: Eq. 6's mean over all voxels, or the region-pooling variant
-POOLINGS = ("mean", "regions")
+POOLINGS = ("mean", "regions", "regions_images")
 
 
 class ProgSwinUNETR(nn.Module):
@@ -41,7 +41,11 @@ class ProgSwinUNETR(nn.Module):
     concatenation to the class scores. Eq. 6 averages every voxel, so the tumour, a few percent of
     the liver box, is diluted by the rest; region pooling reads the tumour's own features and
     their spread (enhancement heterogeneity) at each time point. It has no per-voxel class map,
-    so whole-volume inference only (``sliding_window`` false).
+    so whole-volume inference only (``sliding_window`` false). ``pooling="regions_images"`` also
+    pools each time point's image over its own regions (mean and standard deviation of the
+    normalised intensity) and takes each region's share of the volume: first-order statistics the
+    classifier reads beside the learned features (docs/README.md, "Recipe measurements", says what
+    each part contributes).
 
     Args:
         in_channels: input channels, 3 per extra kind of map: 3 = the masked images at t0, t1,
@@ -52,8 +56,9 @@ class ProgSwinUNETR(nn.Module):
         feature_size: Swin-UNETR embedding size, a multiple of 12 (paper-size model: 48).
         depths, num_heads: Swin stages, SwinUNETR's defaults; tests shrink depths to save time.
         head_hidden: 0 = the paper's Eq. 6 head; > 0 = the hidden-layer head with that width.
-        pooling: ``"mean"`` (Eq. 6, the mean over all voxels) or ``"regions"`` (region pooling,
-            needs ``head_hidden`` > 0 and mask channels in the input).
+        pooling: ``"mean"`` (Eq. 6, the mean over all voxels), ``"regions"`` (region pooling,
+            needs ``head_hidden`` > 0 and mask channels in the input) or ``"regions_images"``
+            (region pooling plus the images' own region statistics).
         image_channels: how many leading input channels are images (3: t0, t1, t2); the
             channels after them are the masks that ``"regions"`` pools over.
         window_size: Swin attention window (SwinUNETR's default 7, the paper's). On a CPU the
@@ -91,9 +96,11 @@ class ProgSwinUNETR(nn.Module):
             raise ValueError(f"pooling: expected one of {list(POOLINGS)}; got {pooling!r}")
         self.image_channels = int(image_channels)
         self.n_regions = self.in_channels - self.image_channels
-        if self.pooling == "regions" and (self.head_hidden == 0 or self.n_regions < 1):
+        self.region_pooling = self.pooling.startswith("regions")
+        if self.region_pooling and (self.head_hidden == 0 or self.n_regions < 1
+                                    or self.n_regions % self.image_channels):
             raise ValueError(
-                f"pooling 'regions' needs head_hidden > 0 and mask channels after the {self.image_channels} "
+                f"pooling '{self.pooling}' needs head_hidden > 0 and mask channels after the {self.image_channels} "
                 f"images (mask_channels union or labels); got head_hidden {self.head_hidden}, "
                 f"in_channels {self.in_channels}")
         self.swin = SwinUNETR(
@@ -110,9 +117,11 @@ class ProgSwinUNETR(nn.Module):
         self.pool = nn.AdaptiveAvgPool3d(1)
         # a 1x1x1 convolution rather than a Linear after pooling: the same map (the mean is
         # linear), but it keeps a dense per-voxel class map for stitching and saliency
-        if self.pooling == "regions":
-            # global mean + per-region mean and std of each hidden channel
-            self.classifier = nn.Linear(self.head_hidden * (1 + 2 * self.n_regions), self.out_channels)
+        if self.region_pooling:
+            # global mean + per-region mean and std of each hidden channel (+ per region the own
+            # time point's image mean and std, and the region's share of the volume)
+            width = self.head_hidden * (1 + 2 * self.n_regions) + (3 * self.n_regions if self.pooling == "regions_images" else 0)
+            self.classifier = nn.Linear(width, self.out_channels)
         elif self.head_hidden:
             self.classifier = nn.Conv3d(self.head_hidden, self.out_channels, 1)
         else:
@@ -136,21 +145,22 @@ class ProgSwinUNETR(nn.Module):
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The dense class map (B, C, D, H, W) whose mean over voxels is the logit: what
         sliding windows stitch (Eq. 6: ReLU of the decoder's class map)."""
-        if self.pooling == "regions":
-            raise ValueError("pooling 'regions' has no per-voxel class map (its scores pool each mask "
+        if self.region_pooling:
+            raise ValueError(f"pooling '{self.pooling}' has no per-voxel class map (its scores pool each mask "
                              "region over the whole volume): use whole-volume inference, sliding_window false")
         self._check_input(x)
         return self._classify(self.swin(x))
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        if self.pooling == "regions" and not dense:
-            return self.head(self.features(x), self.regions(x))
+        if self.region_pooling and not dense:
+            return self.head(self.features(x), self.pooling_input(x))
         d = self.dense(x)
         return d if dense else self.pool(d).flatten(1)
 
-    def regions(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The mask channels that region pooling pools over (B, R, D, H, W); None for Eq. 6."""
-        return x[:, self.image_channels:] if self.pooling == "regions" else None
+    def pooling_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What region pooling reads beside the features: the input itself (its mask channels
+        are the regions); None for the voxel-mean heads."""
+        return x if self.region_pooling else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last decoder stage's output (B, feature_size, D, H, W): the input of ``swin.out``.
@@ -167,27 +177,48 @@ class ProgSwinUNETR(nn.Module):
             hook.remove()
         return caught[0]
 
-    def head(self, features: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, features: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """The head on decoder features -> (B, classes). Eq. 6: 1x1x1 convolution, ReLU, mean
         over voxels; hidden-layer variant: the same, then ``classifier``, then the mean; region
-        pooling: the hidden map's pooled statistics (``regions``: the mask channels, on the
-        features' grid), then ``classifier``."""
-        if self.pooling != "regions":
+        pooling: the hidden map's pooled statistics over the regions of ``inputs`` (the network
+        input on the features' grid), then ``classifier``."""
+        if not self.region_pooling:
             return self.pool(self._classify(self.swin.out(features))).flatten(1)
-        if regions is None or regions.shape[2:] != features.shape[2:] or regions.shape[1] != self.n_regions:
-            raise ValueError(f"pooling 'regions' needs the {self.n_regions} mask channels on the features' grid "
-                             f"{tuple(features.shape[2:])}; got {None if regions is None else tuple(regions.shape)}")
+        if inputs is None or inputs.shape[2:] != features.shape[2:] or inputs.shape[1] != self.in_channels:
+            raise ValueError(f"pooling '{self.pooling}' needs the {self.in_channels}-channel input on the features' "
+                             f"grid {tuple(features.shape[2:])}; got {None if inputs is None else tuple(inputs.shape)}")
         h = torch.relu(self.swin.out(features)).flatten(2)  # (B, H, V)
-        m = regions.flatten(2).to(h.dtype)  # (B, R, V)
-        count = m.sum(-1).unsqueeze(-1) + 1e-6  # an empty region pools to 0
-        mean = torch.einsum("bhv,brv->brh", h, m) / count
-        square = torch.einsum("bhv,brv->brh", h * h, m) / count
-        std = torch.sqrt(torch.clamp(square - mean * mean, min=0.0) + 1e-6)
-        return self.classifier(torch.cat([h.mean(-1), mean.flatten(1), std.flatten(1)], 1))
+        m = inputs[:, self.image_channels:].flatten(2).to(h.dtype)  # (B, R, V)
+        count = m.sum(-1) + 1e-6  # an empty region pools to 0
+        pooled = [h.mean(-1), *_region_mean_std(h, m, count)]
+        if self.pooling == "regions_images":
+            pooled += [*_region_mean_std(self._own_images(inputs).to(h.dtype), m, count, per_region=True), m.mean(-1)]
+        return self.classifier(torch.cat([p.flatten(1) for p in pooled], 1))
+
+    def _own_images(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, R, V): for each region channel, the image of its own time point (the masks come
+        per time point in the images' order, ``n_regions // image_channels`` each)."""
+        per = self.n_regions // self.image_channels
+        return inputs[:, [r // per for r in range(self.n_regions)]].flatten(2)
 
     def head_modules(self) -> list[nn.Module]:
         """The modules of the head: ``swin.out`` (and ``classifier``)."""
         return [self.swin.out] + ([] if self.classifier is None else [self.classifier])
+
+
+def _region_mean_std(values: torch.Tensor, masks: torch.Tensor, count: torch.Tensor,
+                     per_region: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std over each region. masks (B, R, V), count (B, R). values (B, H, V):
+    every channel over every region -> two (B, R, H); ``per_region``, values (B, R, V), region r
+    pools its own channel r -> two (B, R)."""
+    if per_region:
+        mean = (values * masks).sum(-1) / count
+        square = (values * values * masks).sum(-1) / count
+    else:
+        mean = torch.einsum("bhv,brv->brh", values, masks) / count.unsqueeze(-1)
+        square = torch.einsum("bhv,brv->brh", values * values, masks) / count.unsqueeze(-1)
+    # the epsilon keeps the gradient of sqrt finite where a region is constant
+    return mean, torch.sqrt(torch.clamp(square - mean * mean, min=0.0) + 1e-6)
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def cache_features(network: torch.nn.Module, dataset, device, dtype=torch.float16,
                    stride: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(features (N, F, D, H, W) on the CPU in ``dtype``, the region-pooling head's mask channels
-    on the same grid (N, R, D, H, W; None for the other heads), labels (N,)) of every item of
+    """(features (N, F, D, H, W) on the CPU in ``dtype``, the region-pooling head's input
+    on the same grid (N, C, D, H, W; None for the other heads), labels (N,)) of every item of
     ``dataset`` (deterministic preprocessing), the network in eval mode.
 
     ``stride`` > 1 keeps every stride-th voxel along each axis: the head's mean over voxels is then
@@ -42,20 +42,20 @@ def cache_features(network: torch.nn.Module, dataset, device, dtype=torch.float1
     net, stride = unwrap(network), int(stride)
     was_training = net.training
     net.eval()
-    feats, regions, labels = [], [], []
+    feats, inputs, labels = [], [], []
     plain = lambda t: torch.as_tensor(t[..., ::stride, ::stride, ::stride]).as_subclass(torch.Tensor).to("cpu", dtype)
     try:
         for i in range(len(dataset)):
             item = dataset[i]
             x = torch.as_tensor(item["image"]).unsqueeze(0).to(device)
             feats.append(plain(net.features(x)))
-            r = net.regions(x)
+            r = net.pooling_input(x)
             if r is not None:
-                regions.append(plain(r))
+                inputs.append(plain(r))
             labels.append(int(torch.as_tensor(item["label"]).reshape(-1)[0]))
     finally:
         net.train(was_training)
-    return torch.cat(feats), (torch.cat(regions) if regions else None), torch.tensor(labels, dtype=torch.long)
+    return torch.cat(feats), (torch.cat(inputs) if inputs else None), torch.tensor(labels, dtype=torch.long)
 
 
 def balanced_weights(labels) -> torch.Tensor:
@@ -67,15 +67,15 @@ def balanced_weights(labels) -> torch.Tensor:
 
 @torch.no_grad()
 def head_probabilities(network: torch.nn.Module, features: torch.Tensor, device, batch_size: int = 8,
-                       regions: torch.Tensor | None = None) -> np.ndarray:
+                       inputs: torch.Tensor | None = None) -> np.ndarray:
     net = unwrap(network)
-    out = [torch.softmax(_head(net, features, regions, slice(i, i + batch_size), device), 1).cpu()
+    out = [torch.softmax(_head(net, features, inputs, slice(i, i + batch_size), device), 1).cpu()
            for i in range(0, len(features), batch_size)]
     return torch.cat(out).numpy()
 
 
-def _head(net, features, regions, index, device) -> torch.Tensor:
-    r = None if regions is None else regions[index].to(device, torch.float32)
+def _head(net, features, inputs, index, device) -> torch.Tensor:
+    r = None if inputs is None else inputs[index].to(device, torch.float32)
     return net.head(features[index].to(device, torch.float32), r)
 
 
@@ -83,7 +83,7 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
                learning_rate: float = 3e-3, batch_size: int = 8, balanced: bool = True,
                weight_decay: float = 1e-4, device="cpu", seed: int = 0, log_interval: int = 100,
                val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
-               regions: torch.Tensor | None = None, val_regions: torch.Tensor | None = None) -> pd.DataFrame:
+               inputs: torch.Tensor | None = None, val_inputs: torch.Tensor | None = None) -> pd.DataFrame:
     """``steps`` AdamW updates of the head only (``swin.out``, and ``classifier`` in the
     hidden-layer variant), on cached features, the
     learning rate decaying from ``learning_rate`` to 0 on a cosine.
@@ -91,7 +91,7 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     Batches are drawn with replacement, class-balanced when ``balanced``. Returns the learning
     curve: every ``log_interval`` steps the mean training loss since the last row, the accuracy
     on all cached training items and, when validation features are given, their macro AUC and
-    accuracy. ``regions`` / ``val_regions``: the cached mask channels (region-pooling head).
+    accuracy. ``inputs`` / ``val_inputs``: the cached network input (region-pooling head).
     """
     net = unwrap(network)
     optimizer = torch.optim.AdamW(backbone_and_head(net)[1], lr=float(learning_rate), weight_decay=float(weight_decay))
@@ -104,7 +104,7 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     rows, running = [], []
     for step in range(1, int(steps) + 1):
         idx = torch.multinomial(weights, min(int(batch_size), len(labels)), replacement=True, generator=gen)
-        logits = _head(net, features, regions, idx, device)
+        logits = _head(net, features, inputs, idx, device)
         loss = loss_fn(logits, labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,9 +114,9 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
         if step % int(log_interval) == 0 or step == int(steps):
             y = labels.numpy()
             row = {"step": step, "train_loss": float(np.mean(running)),
-                   "train_accuracy": accuracy(y, head_probabilities(net, features, device, regions=regions))}
+                   "train_accuracy": accuracy(y, head_probabilities(net, features, device, inputs=inputs))}
             if val_features is not None and len(val_features):
-                pv = head_probabilities(net, val_features, device, regions=val_regions)
+                pv = head_probabilities(net, val_features, device, inputs=val_inputs)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", AbsentClassWarning)
                     row["val_macro_auc"] = macro_auc(val_labels.numpy(), pv)
@@ -166,13 +166,13 @@ class HeadWarmup:
             log.info("resumed at epoch %d: head warm-up skipped", engine.state.epoch)
             return
         t0 = time.perf_counter()
-        features, regions, labels = cache_features(self.network, self.dataset, self.device, stride=self.feature_stride)
+        features, inputs, labels = cache_features(self.network, self.dataset, self.device, stride=self.feature_stride)
         val = (cache_features(self.network, self.val_dataset, self.device, stride=self.feature_stride)
                if self.val_dataset is not None else (None, None, None))
         t1 = time.perf_counter()
         self.curve = train_head(self.network, features, labels, self.steps, self.learning_rate, self.batch_size,
                                 self.balanced, self.weight_decay, self.device, self.seed, self.log_interval,
-                                val_features=val[0], val_labels=val[2], regions=regions, val_regions=val[1])
+                                val_features=val[0], val_labels=val[2], inputs=inputs, val_inputs=val[1])
         last = self.curve.iloc[-1].to_dict()
         log.info("head warm-up: %d patients' features cached in %.1f s, %d head steps in %.1f s; %s",
                  len(labels), t1 - t0, self.steps, time.perf_counter() - t1,
