@@ -498,7 +498,7 @@ def _large_files(bundle: Path) -> list[dict]:
     return yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
 
 
-@pytest.mark.parametrize("bundle", [SEG_BUNDLE], ids=["hcc_liver_seg"])
+@pytest.mark.parametrize("bundle", [SEG_BUNDLE, BUNDLE], ids=["hcc_liver_seg", "progswin_prognosis"])
 def test_shipped_weights_match_sha256_and_load(bundle):
     import torch
 
