@@ -519,3 +519,27 @@ def test_shipped_weights_match_sha256_and_load(bundle):
     assert all(v.dtype == torch.float32 for v in net.state_dict().values() if v.is_floating_point())
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert any("synthetic" in k for k in meta["eval_metrics"]), meta["eval_metrics"]
+
+
+def test_shipped_prognosis_weights_run_from_the_repository_root(cohort, tmp_path):
+    """The issue's command, as a user types it: from the repository root, no PYTHONPATH, the
+    inference config plus the synthetic-weights overlay writes one row per patient with
+    probabilities that sum to 1 (the bundle's own package is found through ``_target_``)."""
+    import subprocess
+
+    import pandas as pd
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    configs = "['bundles/progswin_prognosis/configs/inference.json','bundles/progswin_prognosis/configs/synthetic_weights.json']"
+    out = tmp_path / "predictions"
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+                          "--bundle_root", "bundles/progswin_prognosis", "--dataset_dir", cohort["dir"],
+                          "--datalist", cohort["datalist"], "--output_dir", str(out), "--device", "cpu"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    frame = pd.read_csv(out / "predictions.csv")
+    assert sorted(frame["patient_id"]) == sorted(it["patient_id"] for it in cohort["items"])
+    probs = frame[[f"prob_{k}" for k in range(4)]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (frame["pred_class"] == probs.argmax(1)).all()
