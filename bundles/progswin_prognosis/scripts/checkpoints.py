@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.integrity import verified_weights
+
 log = logging.getLogger(__name__)
 
 #: hcc_liver_seg's input layers: 1 input channel (the image) in the segmentation network; their
@@ -44,10 +46,12 @@ def best_model_path(ckpt_dir: str, fold: int) -> str:
 
 def load_state(path: str, map_location="cpu") -> dict:
     """The model state dict of a checkpoint file (a bare state dict or CheckpointSaver's
-    ``{"model": ...}``), loaded with ``weights_only=True``: a file that holds code is refused."""
-    if not os.path.isfile(path):
+    ``{"model": ...}``), loaded with ``weights_only=True``: a file that holds code is refused.
+    A file whose bundle publishes its sha256 (manifest.json, large_files.yml) is checked first."""
+    if not os.path.isfile(path) and not os.path.isdir(path):
         raise FileNotFoundError(f"model weights not found: {path} (train this fold first, "
                                 f"or point ckpt_dir/load_path at existing weights)")
+    path = verified_weights(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle payloads, truncated files: name the file, not torch's internals
@@ -177,7 +181,7 @@ class PretrainedLoader:
     is loaded) continues from its own weights and does not reload the pretrained ones.
     """
 
-    def __init__(self, network: torch.nn.Module, load_path: str | None, map_location="cpu") -> None:
+    def __init__(self, network: torch.nn.Module, load_path: str | None = None, map_location="cpu") -> None:
         self.network, self.load_path, self.map_location = network, load_path, map_location
 
     def attach(self, engine: Engine) -> None:

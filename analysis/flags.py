@@ -1,0 +1,27 @@
+"""Command-line values for boolean flags.
+
+fire turns ``False``/``True`` into booleans but passes ``false`` as the string ``'false'``,
+which is truthy; every boolean flag of the CLI goes through :func:`as_bool`.
+"""
+
+from __future__ import annotations
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", "none", ""}
+
+
+def as_bool(value, name: str = "flag") -> bool:
+    """``True``/``False`` for a flag given as a bool, 0/1 or one of true/false/yes/no/on/off (any
+    case); anything else is an error naming the flag, rather than a silently truthy string."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"--{name}: expected true/false (or 1/0); got {value!r}")
