@@ -367,3 +367,25 @@ def test_verified_weights_against_large_files(tmp_path):
     assert integrity.verified_weights(None) is None
     with pytest.raises(ValueError, match="trust_configs"):
         integrity._as_bool("maybe")
+
+
+@pytest.mark.parametrize("bundle", [SEG, PROG], ids=lambda b: b.name)
+def test_large_files_list_only_hashed_files_and_download_keeps_them(bundle, tmp_path):
+    """Every large_files.yml entry has a sha256 (MONAI checks nothing without one), and
+    ``monai.bundle download_large_files`` keeps the shipped file without going online."""
+    import yaml
+
+    from monai.bundle import download_large_files
+
+    entries = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert entries and all(len(e["hash_val"]) == 64 and e["hash_type"] == "sha256" for e in entries)
+    for e in entries:
+        assert (bundle / e["path"]).is_file() and _sha(bundle / e["path"]) == e["hash_val"]
+        assert ".example/" in e["url"], "the URL is the documented placeholder a site replaces"
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    download_large_files(bundle_path=str(copy))  # present and matching: nothing to fetch
+    shipped = copy / entries[0]["path"]
+    shipped.write_bytes(shipped.read_bytes()[:-1])
+    with pytest.raises(Exception, match="hash check"):
+        download_large_files(bundle_path=str(copy))

@@ -514,3 +514,39 @@ def test_validation_scores_the_post_processed_mask():
     assert tuple(pred.shape) == (3, 12, 12, 12) and tuple(lab.shape) == (3, 12, 12, 12)
     assert int(pred[1].sum()) == 125 - 8 and int(pred[2].sum()) == 8
     assert torch.equal(pred, lab)
+
+
+def test_pretrained_initialises_training_from_verified_weights(data, tmp_path):
+    """``pretrained``: the shipped weights (sha256 checked against large_files.yml) are the
+    network's state when training starts; null trains from scratch; a tampered file is refused."""
+    from ignite.engine import Engine
+
+    shipped = BUNDLE / "models" / "synthetic_fs12.pt"
+    want = torch.load(shipped, weights_only=True)
+    want = want.get("model", want)
+    common = dict(dataset_dir=str(data["cohort"]), datalist=str(data["datalist"]), ckpt_dir=str(tmp_path / "m"),
+                  output_dir=str(tmp_path / "e"), **TRAIN)
+    wf = _workflow(["train.json"], pretrained=str(shipped), **common)
+    wf.initialize()
+    loader = wf.parser.get_parsed_content("train#pretrained_loader")
+    net = wf.parser.get_parsed_content("network")
+    loader(Engine(lambda e, b: None))
+    got = net.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+
+    wf = _workflow(["train.json"], pretrained="null", **common)
+    wf.initialize()
+    assert wf.parser.get_parsed_content("train#pretrained_loader") is None
+
+    copy = tmp_path / "bundle"
+    (copy / "models").mkdir(parents=True)
+    shutil.copy(BUNDLE / "large_files.yml", copy / "large_files.yml")
+    raw = bytearray(shipped.read_bytes())
+    raw[4096] ^= 1
+    (copy / "models" / "synthetic_fs12.pt").write_bytes(bytes(raw))
+    wf = _workflow(["train.json"], pretrained=str(copy / "models" / "synthetic_fs12.pt"), **common)
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+        wf.parser.get_parsed_content("train#pretrained_loader")
+    assert "synthetic_fs12.pt: sha256" in _messages(err.value) and "does not match" in _messages(err.value)
