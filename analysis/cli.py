@@ -31,6 +31,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "table1": ("analysis.table1", "table1_cli", "baseline characteristics table (Table 1)"),
     "report": ("analysis.report", "report_cli", "one self-contained HTML report of a study folder"),
     "study": ("analysis.study", "study_cli", "the whole study end to end (resumable)"),
+    "external-validation": ("analysis.study", "external_validation_cli",
+                            "shared bundles on a local cohort, no training: metrics, KM, Cox, report"),
     "export-bundle": ("analysis.bundle_archive", "export_bundle_cli",
                       "a bundle with its weights as a Model Zoo zip + manifest + sha256"),
     "fetch-bundle": ("analysis.bundle_archive", "fetch_bundle_cli",

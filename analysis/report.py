@@ -131,6 +131,7 @@ def _fmt(value, p: bool = False) -> str:
 
 # ---------------------------------------------------------------------------- headline numbers
 SEG_SUMMARY = "segmentation/eval/metrics_summary.csv"  # what hcc_liver_seg's evaluate.json writes
+SEG_AGREEMENT = "segmentation_inference/agreement/summary.csv"  # shared weights: masks vs the cohort's labels
 
 
 def _dice_row(frame: pd.DataFrame) -> dict[str, float]:
@@ -148,7 +149,12 @@ def segmentation_dice(eval_dir: str | Path) -> dict[str, float]:
 
 
 def _seg_dice(study: Path, problems: list[str]) -> tuple[float | None, str]:
-    """The combined Dice (Eq. 2) of the study's segmentation evaluation."""
+    """The combined Dice (Eq. 2) of the study's segmentation evaluation: the trained network's
+    validation, or, with shared weights, the inference masks against the cohort's labels."""
+    if not (study / SEG_SUMMARY).exists() and (study / SEG_AGREEMENT).exists():
+        frame = _read_csv(study / SEG_AGREEMENT, problems)
+        if frame is not None and "dice_eq2_mean" in frame:
+            return _num(frame["dice_eq2_mean"].iloc[0]), f"{SEG_AGREEMENT}: dice_eq2_mean (Eq. 2, every labelled scan)"
     frame = _read_csv(study / SEG_SUMMARY, problems)
     if frame is None:
         return None, SEG_SUMMARY
@@ -340,11 +346,16 @@ def _methods(manifest: dict | None) -> str:
         extra = (f"<p class=\"note\">profile: {_esc(profile or '-')}; settings: "
                  f"{_esc(json.dumps(settings, sort_keys=True)[:2000]) if settings else '-'}</p>")
     classes = "; ".join(f"{_esc(v)}" for v in CLASS_NAMES.values())
+    if (settings or {}).get("weights") == "shared":
+        how = (f"<strong>not trained on this cohort</strong>: both networks ran the shared weights selected by each "
+               f"bundle's configs/{_esc(settings.get('weights_overlay'))} (inference only), so every patient's "
+               f"prediction comes from a model that never saw them; the automatic masks feed every later step")
+    else:
+        how = "trained and evaluated by four-fold cross-validation with out-of-fold predictions"
     return f"""<h2 id="methods">Methods (summary)</h2>
 <p>Arterial-phase CE-MRI at three time points (before TACE, after the first and after the second TACE) with
 liver/tumour masks from a SwinUNETR segmentation model (hcc_liver_seg) feed ProgSwin-UNETR, a Swin-Transformer
-classifier of four prognosis classes ({classes}), trained and evaluated by four-fold cross-validation with
-out-of-fold predictions; discrimination by one-vs-rest AUC with bootstrap 95% CIs and accuracy. Grad-CAM++ maps
+classifier of four prognosis classes ({classes}), {how}; discrimination by one-vs-rest AUC with bootstrap 95% CIs and accuracy. Grad-CAM++ maps
 show the regions driving the prediction. Baselines: PyRadiomics features (exampleMR_3mm) with LASSO selection and
 five classifiers, and mRECIST response (Lencioni &amp; Llovet 2010; longest viable axial diameter of up to two
 targets &ge; 10 mm) measured on the masks. Overall survival by risk group: Kaplan-Meier curves with multivariate
@@ -385,7 +396,8 @@ def build_report(study: str | Path, out: str | Path | None = None) -> Path:
     problems_html = ("<h2>Problems reading the study folder</h2><ul>"
                      + "".join(f"<li>{_esc(p)}</li>" for p in problems) + "</ul>") if problems else ""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = "HCC after TACE: study report" + (" (SYNTHETIC)" if synthetic else "")
+    kind = str((manifest or {}).get("kind") or "study")
+    title = f"HCC after TACE: {kind} report" + (" (SYNTHETIC)" if synthetic else "")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{_CSS}</style></head>
 <body>

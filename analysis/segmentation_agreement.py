@@ -14,7 +14,10 @@ Per scan (:func:`dice_table`), with M the automatic mask and G the manual label:
 * ``dice_whole_liver``: Dice of labels 1 and 2 taken as one organ (the liver outline, whatever the
   tumour boundary inside it);
 * ``n_voxels_pred_tumour``, ``n_voxels_true_tumour``: tumour voxel counts, so a tumour Dice of 0
-  or 1 can be told apart from a scan without tumour.
+  or 1 can be told apart from a scan without tumour;
+* ``hd95_whole_liver_mm``, ``hd95_tumour_mm``: the 95th-percentile Hausdorff distance between
+  the surfaces, in millimetres of the scan's voxel spacing (MONAI's
+  ``compute_hausdorff_distance``); NaN when either side is empty.
 
 **Empty sets**: the Dice of two empty sets is 1.0 here (both agree there is nothing), so a scan
 where neither mask nor label has tumour scores ``dice_tumour = 1``. The bundle's
@@ -40,11 +43,13 @@ from analysis.burden import read_mask  # same reading, value check and error wor
 from analysis.cohort import AFFINE_TOLERANCE_MM, LABELS, TIMEPOINTS, find_scan, mask_path
 from analysis.io import write_csv
 
-__all__ = ["DICE_COLUMNS", "PER_SCAN_COLUMNS", "dice", "dice_table", "seg_dice_cli", "summarise"]
+__all__ = ["DICE_COLUMNS", "HD95_COLUMNS", "PER_SCAN_COLUMNS", "dice", "dice_table", "hd95_mm", "seg_dice_cli",
+           "summarise"]
 
 DICE_COLUMNS: list[str] = ["dice_liver", "dice_tumour", "dice_eq2", "dice_whole_liver"]
+HD95_COLUMNS: list[str] = ["hd95_whole_liver_mm", "hd95_tumour_mm"]
 PER_SCAN_COLUMNS: list[str] = ["patient_id", "timepoint", *DICE_COLUMNS,
-                               "n_voxels_pred_tumour", "n_voxels_true_tumour"]
+                               "n_voxels_pred_tumour", "n_voxels_true_tumour", *HD95_COLUMNS]
 _LIVER, _TUMOUR = LABELS["liver"], LABELS["tumour"]
 
 
@@ -59,7 +64,20 @@ def dice(pred: np.ndarray, true: np.ndarray) -> float:
     return _ratio(int(np.count_nonzero(pred & true)), int(np.count_nonzero(pred) + np.count_nonzero(true)))
 
 
-def _scan_row(pred: np.ndarray, true: np.ndarray) -> dict:
+def hd95_mm(pred: np.ndarray, true: np.ndarray, spacing_mm) -> float:
+    """95th-percentile Hausdorff distance (mm) of two boolean masks; NaN when either is empty."""
+    if not pred.any() or not true.any():
+        return float("nan")
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None]  # noqa: E731
+    value = compute_hausdorff_distance(to(pred), to(true), include_background=True, percentile=95,
+                                       spacing=[float(s) for s in spacing_mm])
+    return float(value.reshape(-1)[0])
+
+
+def _scan_row(pred: np.ndarray, true: np.ndarray, spacing_mm=(1.0, 1.0, 1.0)) -> dict:
     m1, g1 = pred == _LIVER, true == _LIVER
     m2, g2 = pred == _TUMOUR, true == _TUMOUR
     # Eq. 2 pools the voxel counts of both labels before dividing (not a mean of two Dice values)
@@ -72,6 +90,8 @@ def _scan_row(pred: np.ndarray, true: np.ndarray) -> dict:
         "dice_whole_liver": dice(m1 | m2, g1 | g2),
         "n_voxels_pred_tumour": int(np.count_nonzero(m2)),
         "n_voxels_true_tumour": int(np.count_nonzero(g2)),
+        "hd95_whole_liver_mm": hd95_mm(m1 | m2, g1 | g2, spacing_mm),
+        "hd95_tumour_mm": hd95_mm(m2, g2, spacing_mm),
     }
 
 
@@ -132,7 +152,8 @@ def dice_table(masks, labels) -> pd.DataFrame:
             raise ValueError(f"affine mismatch (tolerance {AFFINE_TOLERANCE_MM} mm): mask {mask_file} "
                              f"has affine {_affine_text(pred_affine)}, label {label_file} has affine "
                              f"{_affine_text(true_affine)}")
-        rows.append({"patient_id": pid, "timepoint": tp, **_scan_row(pred, true)})
+        spacing_mm = np.linalg.norm(true_affine[:3, :3], axis=0)
+        rows.append({"patient_id": pid, "timepoint": tp, **_scan_row(pred, true, spacing_mm)})
     return pd.DataFrame(rows, columns=PER_SCAN_COLUMNS)
 
 
@@ -147,6 +168,9 @@ def summarise(per_scan: pd.DataFrame) -> pd.DataFrame:
     worst = per_scan.loc[per_scan["dice_eq2"].idxmin()]
     row: dict = {"n_scans": len(per_scan)}
     row.update({f"{c}_mean": float(per_scan[c].mean()) for c in DICE_COLUMNS})
+    # HD95 is undefined (NaN) on scans with an empty side: the median of the defined ones
+    row.update({f"{c}_median": float(per_scan[c].median()) if per_scan[c].notna().any() else float("nan")
+                for c in HD95_COLUMNS if c in per_scan})
     row.update({"dice_eq2_min": float(worst["dice_eq2"]), "dice_eq2_min_patient_id": worst["patient_id"],
                 "dice_eq2_min_timepoint": worst["timepoint"]})
     return pd.DataFrame([row])
@@ -162,8 +186,9 @@ def seg_dice_cli(masks: str, labels: str, out: str) -> str:
     """Dice of automatic masks against manual labels, per scan (paper Eq. 2 and per label).
 
     Writes OUT/per_scan.csv (patient_id, timepoint, dice_liver, dice_tumour, dice_eq2,
-    dice_whole_liver, n_voxels_pred_tumour, n_voxels_true_tumour) and OUT/summary.csv (n_scans,
-    the mean of each Dice column, the worst Eq. 2 scan). The Dice of two empty sets is 1.
+    dice_whole_liver, n_voxels_pred_tumour, n_voxels_true_tumour, hd95_whole_liver_mm,
+    hd95_tumour_mm) and OUT/summary.csv (n_scans, the mean of each Dice column, the median
+    HD95s, the worst Eq. 2 scan). The Dice of two empty sets is 1.
 
     Args:
         masks: folder of automatic masks <masks>/<patient_id>/t0|t1|t2.nii.gz (0 background,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -31,12 +32,26 @@ from analysis.pipeline import Pipeline, Stage, StageFailure, StageResult
 
 log = logging.getLogger(__name__)
 
-#: the study's settings per profile. ``demo`` fits 2 CPU cores in minutes (tiny networks: its
-#: numbers show the machinery works, not what the model can do); ``paper`` is the paper's setup
-#: for a GPU site.
+#: the study's settings per profile. ``demo`` runs both bundles with the weights they ship
+#: (``weights: shared``: inference only, through each bundle's ``configs/<weights_overlay>``) on
+#: 48 synthetic patients whose seed (2026) was never used to train or tune them; ``scratch``
+#: trains both networks from nothing at tiny size (its deep-learning numbers are near chance);
+#: ``paper`` is the paper's setup for a GPU site.
+_TINY_NETWORKS = {
+    "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 1, "prog_epochs": 2,
+    "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
+    "grad_checkpointing": False, "sw_batch_size": 1,
+    "num_workers": 0,
+    "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
+}
 PROFILES: dict[str, dict] = {
     "demo": {
+        "patients": 48, "shape": 64, "seed": 2026, "folds": 4,
+        "weights": "shared", "weights_overlay": "synthetic_weights.json", **_TINY_NETWORKS,
+    },
+    "scratch": {
         "patients": 12, "shape": 64, "seed": 0, "folds": 4,
+        "weights": "train", "weights_overlay": None,
         "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 1, "prog_epochs": 2,
         "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
         "grad_checkpointing": False, "sw_batch_size": 1,
@@ -45,6 +60,7 @@ PROFILES: dict[str, dict] = {
     },
     "paper": {
         "patients": 181, "shape": 128, "seed": 0, "folds": 4,
+        "weights": "train", "weights_overlay": None,
         "feature_size": 48, "net_size": 128, "seg_roi": 96, "seg_epochs": 300, "prog_epochs": 160,
         "seg_spacing_mm": [1.5, 1.5, 2.5], "seg_num_samples": 2, "seg_val_interval": 5,
         "grad_checkpointing": True, "sw_batch_size": 4,
@@ -52,6 +68,8 @@ PROFILES: dict[str, dict] = {
         "radiomics_jobs": os.cpu_count() or 2, "bootstrap": 2000, "cox_penalizer": 0.0, "device": "auto",
     },
 }
+
+WEIGHTS_MODES = ("train", "shared")
 
 #: the paper's headline numbers (Yao et al. 2025), shown beside this run's
 PAPER = {
@@ -84,11 +102,14 @@ class StudyContext:
     out: Path
     cohort: Path
     settings: dict
-    bundles: Path
+    bundles: Path | None = None
     seg_weights: Path | None = None
     masks_source: str = "auto"
     synthetic: bool = False
     stop_on_failure: dict = field(default_factory=lambda: {n: True for n in STAGE_NAMES[:5]})
+    #: bundle folders given one by one (external validation of fetched bundles)
+    seg_bundle_dir: Path | None = None
+    prog_bundle_dir: Path | None = None
 
     # --- paths of stage outputs
     def path(self, *parts: str) -> Path:
@@ -96,11 +117,22 @@ class StudyContext:
 
     @property
     def seg_bundle(self) -> Path:
-        return self.bundles / "hcc_liver_seg"
+        return self.seg_bundle_dir or self.bundles / "hcc_liver_seg"
 
     @property
     def prog_bundle(self) -> Path:
-        return self.bundles / "progswin_prognosis"
+        return self.prog_bundle_dir or self.bundles / "progswin_prognosis"
+
+    @property
+    def shared(self) -> bool:
+        """True when both bundles run their shared weights (inference only, no training)."""
+        return self.settings.get("weights") == "shared"
+
+    @property
+    def dl_predictions(self) -> Path:
+        """The labelled patients' ProgSwin-UNETR predictions: out of fold when trained here,
+        the shared model's when evaluated (it never saw these patients either way)."""
+        return self.path("prognosis", "predictions.csv" if self.shared else "oof_predictions.csv")
 
     @property
     def clinical(self) -> Path:
@@ -108,9 +140,10 @@ class StudyContext:
 
 
 # ------------------------------------------------------------------------------ bundle driver
-def bundle_code(bundle: Path) -> list[Path]:
-    """What defines a bundle's behaviour (hashed as stage input): configs and scripts."""
-    return [bundle / "configs", bundle / "scripts"]
+def bundle_code(bundle: Path, with_models: bool = False) -> list[Path]:
+    """What defines a bundle's behaviour (hashed as stage input): configs and scripts, and its
+    models/ when the study runs the weights it ships."""
+    return [bundle / "configs", bundle / "scripts"] + ([bundle / "models"] if with_models else [])
 
 
 def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path, bar=None,
@@ -170,13 +203,46 @@ def _has_labels(ctx: StudyContext) -> bool:
     return bool(seg["training"])
 
 
+def _verified(bundle: Path, weights: Path) -> str:
+    """sha256 of ``weights`` after the bundle's own check (scripts/integrity.py: its manifest or
+    large_files.yml, weights-only readability); a refusal stops the stage naming the file."""
+    from analysis.bundle_archive import _bundle_integrity
+
+    integrity = _bundle_integrity(bundle)
+    try:
+        integrity.verified_weights(str(weights))
+    except (integrity.IntegrityError, FileNotFoundError) as exc:
+        raise StageFailure(str(exc)) from exc
+    return io.file_sha256(weights)
+
+
+def _shared_bundle_check(bundle: Path) -> dict:
+    """A fetched bundle (with manifest.json) must match its manifest before it runs."""
+    from analysis.bundle_archive import verify_bundle
+
+    if not (bundle / "manifest.json").is_file():
+        return {"manifest": False}
+    problems = verify_bundle(bundle)
+    if problems:
+        raise StageFailure(f"{bundle}: differs from its manifest.json ({len(problems)} problem(s)): "
+                           + "; ".join(problems[:5]))
+    return {"manifest": True}
+
+
 def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
     s = ctx.settings
     models = staging / "models"
+    if ctx.shared:
+        checked = _shared_bundle_check(ctx.seg_bundle)
+        io.write_json(staging / "source.json", {"weights": "shared", "bundle": str(ctx.seg_bundle),
+                                                "overlay": s["weights_overlay"], "trained": False, **checked})
+        bar.update(1)
+        return {"trained": False, "weights": f"shared ({s['weights_overlay']})"}
     if ctx.seg_weights:
+        digest = _verified(ctx.seg_bundle, ctx.seg_weights)
         models.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ctx.seg_weights, models / "model.pt")
-        io.write_json(staging / "source.json", {"weights": str(ctx.seg_weights), "trained": False})
+        io.write_json(staging / "source.json", {"weights": str(ctx.seg_weights), "sha256": digest, "trained": False})
         return {"trained": False}
     if not _has_labels(ctx):
         raise StageFailure("no manual labels (labels/<patient_id>/t*.nii.gz) to train the segmentation "
@@ -197,7 +263,14 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
     return {k: round(v, 4) for k, v in segmentation_dice(staging / "eval").items()}
 
 
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
 def _device(settings: dict) -> str:
+    # the value goes into a config expression, which MONAI executes: only a known device name
+    # may ever reach it (run_study refuses anything else up front)
+    if not _DEVICE.match(str(settings["device"])):
+        raise ValueError(f"--device {settings['device']!r}: expected cpu, cuda, cuda:N or auto")
     if settings["device"] == "auto":
         return "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
     return f"$torch.device('{settings['device']}')"
@@ -205,6 +278,16 @@ def _device(settings: dict) -> str:
 
 def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
     s = ctx.settings
+    if ctx.shared:
+        overrides = {
+            "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
+            "output_dir": str(staging), "data_root_dir": str(ctx.cohort / "images"), "device": _device(s),
+            "num_workers": s["num_workers"],
+        }
+        bar.reset(total=1)
+        run_bundle(ctx.seg_bundle, ["inference.json", s["weights_overlay"]], overrides, staging / "inference.log", bar)
+        headline = {"masks_written": len(list(staging.rglob("*.nii.gz")))}
+        return {**headline, **_agreement(ctx, staging)}
     overrides = {
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
         "ckpt_dir": str(ctx.path("segmentation", "models")), "output_dir": str(staging),
@@ -216,6 +299,23 @@ def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
     run_bundle(ctx.seg_bundle, ["inference.json"], overrides, staging / "inference.log", bar)
     n = len(list(staging.rglob("*.nii.gz")))
     return {"masks_written": n}
+
+
+def _agreement(ctx: StudyContext, staging: Path) -> dict:
+    """Dice (Eq. 2) and HD95 of the automatic masks against the cohort's manual labels, when it has
+    any: the segmentation's own evaluation when the network was not trained here."""
+    from analysis.segmentation_agreement import dice_table, summarise
+
+    labels = ctx.cohort / "labels"
+    if not labels.is_dir() or not any(labels.rglob("*.nii*")):
+        return {}
+    per_scan = dice_table(staging, labels)
+    summary = summarise(per_scan)
+    io.write_csv(staging / "agreement" / "per_scan.csv", per_scan)
+    io.write_csv(staging / "agreement" / "summary.csv", summary)
+    row = summary.iloc[0]
+    return {"dice_eq2": round(float(row["dice_eq2_mean"]), 4),
+            "hd95_whole_liver_mm": round(float(row["hd95_whole_liver_mm_median"]), 2)}
 
 
 def _masks(ctx: StudyContext, staging: Path, bar) -> dict:
@@ -245,6 +345,8 @@ def _masks(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
+    if ctx.shared:
+        return _prognosis_shared(ctx, staging, bar)
     s = ctx.settings
     overrides = {
         "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "max_epochs": s["prog_epochs"],
@@ -262,6 +364,38 @@ def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
     metrics = json.loads(metrics_path.read_text())
     _predict_unlabelled(ctx, staging, overrides)
     return {"macro_auc": metrics.get("macro_auc"), "accuracy": metrics.get("accuracy")}
+
+
+def _prognosis_shared(ctx: StudyContext, staging: Path, bar) -> dict:
+    """The shared ProgSwin-UNETR on every patient, no training: predictions.csv (labelled),
+    all_predictions.csv (every patient), evaluation/ with metrics, CIs and calibration."""
+    from analysis.calibration import brier_scores, calibration_plot, calibration_table
+    from analysis.metrics import evaluate
+
+    s = ctx.settings
+    checked = _shared_bundle_check(ctx.prog_bundle)
+    bar.reset(total=1)
+    run_bundle(ctx.prog_bundle, ["inference.json", s["weights_overlay"]],
+               {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
+                "output_dir": str(staging / "inference"), "infer_sections": ["training", "unlabelled"],
+                "device": _device(s), "num_workers": s["num_workers"]}, staging / "inference.log", bar)
+    frame = pd.read_csv(staging / "inference" / "predictions.csv", dtype={"patient_id": str})
+    labelled = frame[frame["label"].notna() & (frame["label"] >= 0)].copy()
+    labelled["label"] = labelled["label"].astype(int)
+    io.write_csv(staging / "predictions.csv", labelled)
+    io.write_csv(staging / "all_predictions.csv",
+                 frame.assign(source=["shared model" if pd.notna(v) and v >= 0 else "shared model (no class: censored "
+                                      "before 36 months)" for v in frame["label"]]))
+    probs = labelled[[f"prob_{k}" for k in range(4)]].to_numpy(float)
+    y = labelled["label"].to_numpy(int)
+    metrics = evaluate(y, probs, n_boot=s["bootstrap"], seed=s["seed"])
+    metrics.update({"brier": brier_scores(y, probs), "n_patients": int(len(labelled)), "trained_here": False,
+                    "weights": f"shared: {ctx.prog_bundle}/configs/{s['weights_overlay']}", **checked})
+    io.write_json(staging / "evaluation" / "metrics.json", metrics)
+    table = calibration_table(y, probs)
+    ax = calibration_plot(table)
+    io.save_figure(ax.figure, staging / "evaluation" / "calibration.png", data=table)
+    return {"macro_auc": metrics.get("macro_auc"), "accuracy": metrics.get("accuracy"), "trained": False}
 
 
 def _predict_unlabelled(ctx: StudyContext, staging: Path, overrides: dict) -> None:
@@ -289,10 +423,17 @@ def _predict_unlabelled(ctx: StudyContext, staging: Path, overrides: dict) -> No
 
 def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
     s = ctx.settings
+    if ctx.shared:
+        bar.reset(total=1)
+        run_bundle(ctx.prog_bundle, ["gradcam.json", s["weights_overlay"]],
+                   {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
+                    "output_dir": str(staging), "predictions": str(ctx.dl_predictions), "device": _device(s)},
+                   staging / "gradcam.log", bar)
+        return {"montages": len(list(staging.rglob("*.png")))}
     overrides = {
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
         "ckpt_dir": str(ctx.path("prognosis", "models")), "output_dir": str(staging),
-        "predictions": str(ctx.path("prognosis", "oof_predictions.csv")),
+        "predictions": str(ctx.dl_predictions),
         "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "device": _device(s),
     }
     bar.reset(total=1)
@@ -313,7 +454,7 @@ def _radiomics(ctx: StudyContext, staging: Path, bar) -> dict:
 def _classify(ctx: StudyContext, staging: Path, bar) -> dict:
     from analysis.models import classify
 
-    oof = ctx.path("prognosis", "oof_predictions.csv")
+    oof = ctx.dl_predictions
     classify(ctx.path("radiomics", "features.csv"), ctx.clinical, out=staging,
              dl_predictions=oof if oof.exists() else None, seed=ctx.settings["seed"],
              n_boot=ctx.settings["bootstrap"])
@@ -351,7 +492,7 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
         frame = frame.merge(r[keep].rename(columns={"pred_class": "radiomics_class"}), on="patient_id", how="left")
     dl = ctx.path("prognosis", "all_predictions.csv")
     if not dl.exists():
-        dl = ctx.path("prognosis", "oof_predictions.csv")
+        dl = ctx.dl_predictions
     if dl.exists():
         d = pd.read_csv(dl)[["patient_id", "pred_class"]].rename(columns={"pred_class": "dl_class"})
         frame = frame.merge(d, on="patient_id", how="left")
@@ -484,42 +625,43 @@ def build_stages(ctx: StudyContext) -> list[Stage]:
         Stage("datalists", "datalists", _datalists, inputs=lambda c: [c.clinical, c.path("validation")],
               settings=lambda c: dict(folds=c.settings["folds"], seed=c.settings["seed"])),
         Stage("segmentation", "segmentation", _segmentation,
-              inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels", *bundle_code(c.seg_bundle),
-                                *( [c.seg_weights] if c.seg_weights else [])],
+              inputs=lambda c: [c.path("datalists", "segmentation.json"), c.cohort / "labels",
+                                *bundle_code(c.seg_bundle, c.shared), *([c.seg_weights] if c.seg_weights else [])],
               settings=lambda c: {k: c.settings[k] for k in ("seg_epochs", "feature_size", "seg_roi", "seed",
                                                              "seg_num_samples", "grad_checkpointing",
-                                                             "seg_spacing_mm")}),
+                                                             "seg_spacing_mm", "weights", "weights_overlay")}),
         Stage("segmentation_inference", "segmentation_inference", _segmentation_inference,
               inputs=lambda c: [c.path("segmentation", "models"), c.path("datalists", "segmentation.json"),
-                                c.cohort / "images", *bundle_code(c.seg_bundle)],
+                                c.cohort / "images", c.cohort / "labels", *bundle_code(c.seg_bundle, c.shared)],
               settings=lambda c: dict(feature_size=c.settings["feature_size"], roi=c.settings["seg_roi"],
-                                   spacing=c.settings["seg_spacing_mm"])),
+                                   spacing=c.settings["seg_spacing_mm"], weights=c.settings["weights"],
+                                   overlay=c.settings["weights_overlay"])),
         Stage("masks", "masks", _masks,
               inputs=lambda c: [c.path("segmentation_inference"), c.cohort / "labels", c.clinical],
               settings=lambda c: dict(masks_source=c.masks_source)),
         Stage("prognosis", "prognosis", _prognosis,
               inputs=lambda c: [c.path("datalists", "prognosis.json"), c.path("masks"), c.cohort / "images",
-                                *bundle_code(c.prog_bundle)],
+                                *bundle_code(c.prog_bundle, c.shared)],
               settings=lambda c: {k: c.settings[k] for k in ("feature_size", "net_size", "prog_epochs", "folds",
-                                                             "seed")}),
+                                                             "seed", "weights", "weights_overlay", "bootstrap")}),
         Stage("gradcam", "gradcam", _gradcam,
-              inputs=lambda c: [c.path("prognosis"), c.path("masks"), *bundle_code(c.prog_bundle)]),
+              inputs=lambda c: [c.path("prognosis"), c.path("masks"), *bundle_code(c.prog_bundle, c.shared)]),
         Stage("radiomics", "radiomics", _radiomics, inputs=lambda c: [c.cohort / "images", c.path("masks")],
               settings=lambda c: dict(timepoint="t1", roi="tumour")),
         Stage("classify", "classify", _classify,
-              inputs=lambda c: [c.path("radiomics"), c.clinical, c.path("prognosis", "oof_predictions.csv")],
+              inputs=lambda c: [c.path("radiomics"), c.clinical, c.dl_predictions],
               settings=lambda c: dict(seed=c.settings["seed"], bootstrap=c.settings["bootstrap"])),
         Stage("mrecist", "mrecist", _mrecist, inputs=lambda c: [c.cohort / "images", c.path("masks")]),
         Stage("km", "km", _km,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
-                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")]),
+                                c.dl_predictions, c.path("prognosis", "all_predictions.csv")]),
         Stage("cox", "cox", _cox,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
-                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
+                                c.dl_predictions, c.path("prognosis", "all_predictions.csv")],
               settings=lambda c: dict(penalizer=c.settings["cox_penalizer"])),
         Stage("nomogram", "nomogram", _nomogram,
               inputs=lambda c: [c.clinical, c.path("mrecist"), c.path("classify", "radiomic_score.csv"),
-                                c.path("prognosis", "oof_predictions.csv"), c.path("prognosis", "all_predictions.csv")],
+                                c.dl_predictions, c.path("prognosis", "all_predictions.csv")],
               settings=lambda c: dict(penalizer=c.settings["cox_penalizer"])),
         Stage("table1", "table1", _table1, inputs=lambda c: [c.clinical, c.path("mrecist")]),
         Stage("report", "report.html", _report, is_file=True,
@@ -533,19 +675,37 @@ def build_stages(ctx: StudyContext) -> list[Stage]:
 # ------------------------------------------------------------------------------------- entry
 def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = "study_output",
               profile: str = "demo", seg_weights: str | os.PathLike | None = None,
-              force: list[str] | None = None, masks_source: str = "auto", bundles: str | None = None,
-              progress: bool = True, **overrides) -> tuple[list[StageResult], dict]:
-    """Run (or resume) the study; returns the stage results and the run's summary dict."""
+              force: list[str] | None = None, masks_source: str | None = None, bundles: str | None = None,
+              progress: bool = True, seg_bundle: str | os.PathLike | None = None,
+              prognosis_bundle: str | os.PathLike | None = None, kind: str = "study",
+              **overrides) -> tuple[list[StageResult], dict]:
+    """Run (or resume) the study; returns the stage results and the run's summary dict.
+
+    ``masks_source`` defaults to ``segmentation`` with shared weights (the paper's pipeline:
+    the automatic masks feed everything downstream) and to ``auto`` otherwise. ``seg_bundle`` /
+    ``prognosis_bundle`` name the two bundle folders one by one (fetched bundles); ``kind``
+    labels the report (``"external validation"``). Writes ``OUT/summary.json``.
+    """
     if profile not in PROFILES:
         raise ValueError(f"--profile {profile!r} is unknown; choose one of {', '.join(PROFILES)}")
-    if masks_source not in ("auto", "segmentation"):
-        raise ValueError(f"--masks-source {masks_source!r}: expected 'auto' (manual labels where present) "
-                         "or 'segmentation' (automatic masks everywhere)")
     settings = dict(PROFILES[profile])
     unknown = set(overrides) - set(settings)
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(settings))}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings["weights"] not in WEIGHTS_MODES:
+        raise ValueError(f"--weights {settings['weights']!r}: expected 'shared' (the bundles' shipped or fetched "
+                         f"weights, inference only) or 'train' (train both networks on this cohort)")
+    if settings["weights"] == "shared" and not settings.get("weights_overlay"):
+        raise ValueError("--weights shared needs --weights-overlay (the bundles' overlay selecting the weights and "
+                         "their sizes, e.g. synthetic_weights.json)")
+    if not _DEVICE.match(str(settings["device"])):
+        raise ValueError(f"--device {settings['device']!r}: expected cpu, cuda, cuda:N or auto")
+    if masks_source is None:
+        masks_source = "segmentation" if settings["weights"] == "shared" else "auto"
+    if masks_source not in ("auto", "segmentation"):
+        raise ValueError(f"--masks-source {masks_source!r}: expected 'auto' (manual labels where present) "
+                         "or 'segmentation' (automatic masks everywhere)")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -567,19 +727,55 @@ def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = 
             os.replace(tmp, cohort_path)
     else:
         cohort_path = Path(cohort).resolve()
-    ctx = StudyContext(out=out, cohort=cohort_path, settings=settings, bundles=find_bundles(bundles),
+    given = {"seg_bundle_dir": seg_bundle, "prog_bundle_dir": prognosis_bundle}
+    for name, folder in given.items():
+        if folder is not None and not (Path(folder) / "configs").is_dir():
+            raise FileNotFoundError(f"--{name.replace('_dir', '').replace('prog_', 'prognosis_').replace('_', '-')} "
+                                    f"{folder}: not a bundle folder (no configs/)")
+    ctx = StudyContext(out=out, cohort=cohort_path, settings=settings,
+                       bundles=None if seg_bundle and prognosis_bundle else find_bundles(bundles),
                        seg_weights=Path(seg_weights).resolve() if seg_weights else None, masks_source=masks_source,
-                       synthetic=is_synthetic(cohort_path))
+                       synthetic=is_synthetic(cohort_path),
+                       **{k: Path(v).resolve() for k, v in given.items() if v is not None})
     if ctx.seg_weights and not ctx.seg_weights.exists():
         raise FileNotFoundError(f"--seg-weights {ctx.seg_weights}: no such file")
+    if ctx.seg_weights and ctx.shared:
+        raise ValueError("--seg-weights trains nothing but replaces the trained segmentation; with --weights shared "
+                         "the bundle's own shared weights run: give one or the other")
     pipeline = Pipeline(out, build_stages(ctx), ctx, force=set(force or ()), progress=progress)
     results = pipeline.run(set_meta={"profile": profile, "settings": settings, "synthetic": ctx.synthetic,
-                                     "cohort": str(cohort_path)})
+                                     "cohort": str(cohort_path), "kind": kind,
+                                     "seg_bundle": str(ctx.seg_bundle), "prognosis_bundle": str(ctx.prog_bundle)})
     peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     summary = {"seconds": round(time.perf_counter() - started, 1), "peak_memory_mb": round(peak_mb),
-               "synthetic": ctx.synthetic, "profile": profile}
+               "synthetic": ctx.synthetic, "profile": profile, "kind": kind, "weights": settings["weights"],
+               **headline_numbers(results)}
+    io.write_json(out / "summary.json", summary)
     return results, summary
+
+
+def headline_numbers(results: list[StageResult]) -> dict:
+    """The numbers of the report's paper-vs-run table, as floats (None where not produced)."""
+    by_name = {r.name: r.headline for r in results}
+
+    def num(stage: str, key: str):
+        value = by_name.get(stage, {}).get(key)
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            return None
+
+    seg_stage = "segmentation_inference" if "dice_eq2" in by_name.get("segmentation_inference", {}) else "segmentation"
+    return {
+        "segmentation_dice_eq2": num(seg_stage, "dice_eq2"),
+        "prognosis_macro_auc": num("prognosis", "macro_auc"),
+        "prognosis_accuracy": num("prognosis", "accuracy"),
+        "best_radiomics_macro_auc": num("classify", "best_macro_auc"),
+        "logrank_p_prognosis_all": num("km", "p ProgSwin-UNETR / all"),
+        "logrank_p_mrecist_all": num("km", "p mRECIST / all"),
+        "cox_c_index": num("cox", "concordance"),
+    }
 
 
 def format_summary(results: list[StageResult], summary: dict) -> str:
@@ -591,16 +787,18 @@ def format_summary(results: list[StageResult], summary: dict) -> str:
             head = r.message.splitlines()[0][:100]
         lines.append(f"{r.name.ljust(width)}  {r.status:<8} {r.seconds:8.1f}  {head}")
     lines.append(f"total {summary['seconds']:.1f} s, peak memory {summary['peak_memory_mb']} MB, profile "
-                 f"{summary['profile']}{' (SYNTHETIC cohort)' if summary['synthetic'] else ''}")
+                 f"{summary['profile']}{' (SYNTHETIC cohort)' if summary['synthetic'] else ''}; weights "
+                 f"{'shared (inference only, nothing trained on this cohort)' if summary.get('weights') == 'shared' else 'trained on this cohort'}")
     by_name = {r.name: r.headline for r in results}
+    numbers = headline_numbers(results)
     ours = {
-        "segmentation Dice (Eq. 2)": by_name.get("segmentation", {}).get("dice_eq2"),
-        "ProgSwin-UNETR macro AUC": by_name.get("prognosis", {}).get("macro_auc"),
-        "ProgSwin-UNETR accuracy": by_name.get("prognosis", {}).get("accuracy"),
+        "segmentation Dice (Eq. 2)": numbers["segmentation_dice_eq2"],
+        "ProgSwin-UNETR macro AUC": numbers["prognosis_macro_auc"],
+        "ProgSwin-UNETR accuracy": numbers["prognosis_accuracy"],
         "best radiomics macro AUC": _best_radiomics(by_name.get("classify", {})),
-        "KM log-rank p, ProgSwin, all": by_name.get("km", {}).get("p ProgSwin-UNETR / all"),
-        "KM log-rank p, mRECIST, all": by_name.get("km", {}).get("p mRECIST / all"),
-        "Cox C-index": by_name.get("cox", {}).get("concordance"),
+        "KM log-rank p, ProgSwin, all": numbers["logrank_p_prognosis_all"],
+        "KM log-rank p, mRECIST, all": numbers["logrank_p_mrecist_all"],
+        "Cox C-index": numbers["cox_c_index"],
     }
     lines += ["", "headline".ljust(42) + "paper".ljust(20) + "this run" + (" (synthetic)" if summary["synthetic"] else "")]
     for k, v in PAPER.items():
@@ -622,29 +820,74 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def study_cli(cohort: str | None = None, out: str = "study_output", profile: str = "demo",
-              seg_weights: str | None = None, force: str | list | tuple | None = None, masks_source: str = "auto",
-              bundles: str | None = None, quiet: bool = False, **overrides) -> None:
-    """python -m analysis study [--cohort DIR] [--out DIR] [--profile demo|paper] [--seg-weights FILE]
-    [--force STAGE[,STAGE]] [--masks-source auto|segmentation] [--patients N --shape S --prog-epochs E ...]
-
-    With no --cohort the embedded synthetic cohort of the profile is generated. Reruns skip every
-    stage whose inputs (content hashes) and settings did not change.
-    """
-    if isinstance(force, str):
-        force = [f.strip() for f in force.split(",") if f.strip()]
-    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
-    try:
-        results, summary = run_study(cohort=cohort, out=out, profile=profile, seg_weights=seg_weights,
-                                     force=list(force or []), masks_source=masks_source, bundles=bundles,
-                                     progress=not quiet, **overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+def _finish(results: list[StageResult], summary: dict, out: str) -> None:
     print(format_summary(results, summary))
     failed = [r for r in results if r.status == "failed"]
     if failed:
         first = failed[0]
         print(f"\nstage {first.name} failed:\n{first.message}", file=sys.stderr)
         raise SystemExit(2 if first.name == "validate" else 1)
-    print(f"\nreport: {Path(out).resolve() / 'report.html'}")
+    print(f"\nreport: {Path(out).resolve() / 'report.html'}\nsummary: {Path(out).resolve() / 'summary.json'}")
+
+
+def study_cli(cohort: str | None = None, out: str = "study_output", profile: str = "demo",
+              seg_weights: str | None = None, force: str | list | tuple | None = None, masks_source: str | None = None,
+              bundles: str | None = None, quiet: bool = False, **overrides) -> None:
+    """python -m analysis study [--cohort DIR] [--out DIR] [--profile demo|scratch|paper] [--seg-weights FILE]
+    [--force STAGE[,STAGE]] [--masks-source auto|segmentation] [--patients N --shape S --prog-epochs E ...]
+
+    With no --cohort the embedded synthetic cohort of the profile is generated. Reruns skip every
+    stage whose inputs (content hashes) and settings did not change. The demo profile runs both
+    bundles' shipped synthetic weights (inference only); scratch trains both networks instead.
+    """
+    from analysis.flags import as_bool
+
+    if isinstance(force, str):
+        force = [f.strip() for f in force.split(",") if f.strip()]
+    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+    try:
+        results, summary = run_study(cohort=cohort, out=out, profile=profile, seg_weights=seg_weights,
+                                     force=list(force or []), masks_source=masks_source, bundles=bundles,
+                                     progress=not as_bool(quiet, "quiet"), **overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    _finish(results, summary, out)
+
+
+def external_validation(seg_bundle: str | os.PathLike, prognosis_bundle: str | os.PathLike,
+                        cohort: str | os.PathLike, out: str | os.PathLike, weights_overlay: str = "synthetic_weights.json",
+                        device: str = "cpu", progress: bool = True, **overrides) -> tuple[list[StageResult], dict]:
+    """Both bundles' shared weights on a local cohort, with no training: segmentation Dice and
+    HD95 against the cohort's labels (when it has any), ProgSwin-UNETR metrics with CIs and
+    calibration, the radiomics baseline, Kaplan-Meier and Cox by predicted class, one report
+    labelled "external validation". A bad cohort stops at validation."""
+    return run_study(cohort=cohort, out=out, profile="demo", seg_bundle=seg_bundle, prognosis_bundle=prognosis_bundle,
+                     kind="external validation", progress=progress, weights="shared", weights_overlay=weights_overlay,
+                     device=device, **overrides)
+
+
+def external_validation_cli(seg_bundle: str, prognosis_bundle: str, cohort: str, out: str = "external_validation",
+                            weights_overlay: str = "synthetic_weights.json", device: str = "cpu",
+                            quiet: bool = False) -> None:
+    """Validate shared bundles on a local cohort without training; one HTML report.
+
+    Args:
+        seg_bundle: the hcc_liver_seg bundle folder (e.g. a fetched one: fetch-bundle's OUT/hcc_liver_seg).
+        prognosis_bundle: the progswin_prognosis bundle folder.
+        cohort: the local cohort folder (docs/contracts.md); checked first, a bad one stops here.
+        out: output folder (report.html, summary.json, one folder per stage).
+        weights_overlay: each bundle's config overlay that selects the weights and their sizes.
+        device: cpu, cuda or auto.
+        quiet: no progress bars.
+    """
+    from analysis.flags import as_bool
+
+    try:
+        results, summary = external_validation(seg_bundle, prognosis_bundle, cohort, out,
+                                               weights_overlay=weights_overlay, device=device,
+                                               progress=not as_bool(quiet, "quiet"))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    _finish(results, summary, out)

@@ -258,15 +258,19 @@ def test_dotdot_member_is_refused(exported, tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
-def test_symlink_member_is_refused(exported, tmp_path):
+@pytest.mark.parametrize("mode, message", [(stat.S_IFLNK | 0o777, "symbolic link"),
+                                           (stat.S_IFCHR | 0o644, "not a regular file"),
+                                           (stat.S_IFIFO | 0o644, "not a regular file")],
+                         ids=["symlink", "char-device", "fifo"])
+def test_link_and_device_members_are_refused(exported, tmp_path, mode, message):
     bad = tmp_path / "link.zip"
     shutil.copy(exported["zip"], bad)
     info = zipfile.ZipInfo("progswin_prognosis/configs/passwd")
-    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    info.external_attr = mode << 16
     with zipfile.ZipFile(bad, "a") as z:
         z.writestr(info, "/etc/passwd")
     _consistent(bad)
-    msg = _refused(tmp_path, bad, _sha(bad), r"symbolic link")
+    msg = _refused(tmp_path, bad, _sha(bad), message)
     assert "progswin_prognosis/configs/passwd" in msg
 
 
@@ -389,3 +393,12 @@ def test_large_files_list_only_hashed_files_and_download_keeps_them(bundle, tmp_
     shipped.write_bytes(shipped.read_bytes()[:-1])
     with pytest.raises(Exception, match="hash check"):
         download_large_files(bundle_path=str(copy))
+
+
+def test_absolute_member_is_refused(exported, tmp_path):
+    bad = tmp_path / "absolute.zip"
+    shutil.copy(exported["zip"], bad)
+    with zipfile.ZipFile(bad, "a") as z:
+        z.writestr(zipfile.ZipInfo("/tmp/escaped_absolute.txt"), "x")
+    msg = _refused(tmp_path, bad, _sha(bad), r"an absolute path")
+    assert "/tmp/escaped_absolute.txt" in msg and not Path("/tmp/escaped_absolute.txt").exists()

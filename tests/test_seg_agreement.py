@@ -254,3 +254,18 @@ def test_cli_flags_end_to_end(hand, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "seg-dice: 5 scans, Eq. 2 Dice 0.864 (min 0.67 P2 t0)" in run.stdout
     assert (out / "per_scan.csv").is_file() and (out / "summary.csv").is_file()
+
+
+@pytest.mark.parametrize("axis, spacing, expected_mm", [(0, (2.0, 2.0, 5.0), 2.0), (2, (2.0, 2.0, 5.0), 5.0),
+                                                         (1, (0.8, 0.8, 3.0), 0.8)])
+def test_hd95_of_a_cube_shifted_by_one_voxel_is_one_spacing(axis, spacing, expected_mm):
+    """A 10^3 cube against itself shifted by one voxel: more than 5% of surface points (the two
+    faces across the shift) are one voxel apart, the rest 0, so HD95 is that axis's spacing."""
+    from analysis.segmentation_agreement import hd95_mm
+
+    true = np.zeros((24, 24, 24), bool)
+    true[7:17, 7:17, 7:17] = True
+    pred = np.roll(true, 1, axis=axis)
+    assert hd95_mm(pred, true, spacing) == pytest.approx(expected_mm, abs=1e-6)
+    assert hd95_mm(true, true, spacing) == 0.0
+    assert np.isnan(hd95_mm(np.zeros_like(true), true, spacing))

@@ -26,14 +26,14 @@ pytestmark = pytest.mark.slow
 
 TINY = dict(patients=10, shape=64, net_size=64, seg_roi=64, feature_size=12, seg_epochs=1, prog_epochs=1, folds=2,
             bootstrap=200, radiomics_jobs=2)
-TINY_FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+TINY_FLAGS = ["--profile=scratch"] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> tuple[Path, list]:
     out = tmp_path_factory.mktemp("study") / "out"
-    results, summary = run_study(out=out, profile="demo", progress=False, **TINY)
+    results, summary = run_study(out=out, profile="scratch", progress=False, **TINY)
     failed = [(r.name, r.message) for r in results if r.status == "failed"]
     assert not failed, failed
     return out, results
@@ -92,7 +92,7 @@ def test_report_names_each_part_and_says_synthetic(study):
 
 def test_second_run_skips_every_stage(study, tmp_path):
     out = copy_study(study[0], tmp_path / "again")
-    results, _ = run_study(out=out, profile="demo", progress=False, **TINY)
+    results, _ = run_study(out=out, profile="scratch", progress=False, **TINY)
     assert set(statuses(results).values()) == {"skipped"}
 
 
@@ -102,7 +102,7 @@ def test_changing_one_input_redoes_exactly_the_stages_downstream(study, tmp_path
     frame = pd.read_csv(clinical, dtype=str, keep_default_na=False)
     frame.loc[0, "age"] = str(float(frame.loc[0, "age"]) + 1.0)  # age feeds Table 1 and the Cox model only
     frame.to_csv(clinical, index=False)
-    results, _ = run_study(out=out, cohort=None, profile="demo", progress=False, **TINY)
+    results, _ = run_study(out=out, cohort=None, profile="scratch", progress=False, **TINY)
     ran = {name for name, s in statuses(results).items() if s == "ran"}
     assert ran == {"validate", "datalists", "masks", "classify", "km", "cox", "nomogram", "table1", "report"}
     # the expensive image stages were not touched
@@ -112,7 +112,7 @@ def test_changing_one_input_redoes_exactly_the_stages_downstream(study, tmp_path
 
 def test_force_redoes_one_stage(study, tmp_path):
     out = copy_study(study[0], tmp_path / "forced")
-    results, _ = run_study(out=out, profile="demo", progress=False, force=["table1"], **TINY)
+    results, _ = run_study(out=out, profile="scratch", progress=False, force=["table1"], **TINY)
     assert {n for n, s in statuses(results).items() if s == "ran"} == {"table1"}
 
 
@@ -136,7 +136,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(study, tmp_path):
     assert sorted(p.relative_to(out) for p in (out / "gradcam").rglob("*.png")) == old_pngs
     assert (out / "gradcam").stat().st_mtime_ns == before
 
-    results, _ = run_study(out=out, profile="demo", progress=False, **TINY)
+    results, _ = run_study(out=out, profile="scratch", progress=False, **TINY)
     st = statuses(results)
     assert st["gradcam"] == "ran"
     assert all(st[n] == "skipped" for n in STAGE_NAMES[: STAGE_NAMES.index("gradcam")])

@@ -45,12 +45,14 @@ def select_patients(patients: Sequence[str] | str | None, oof_csv: str | None) -
 
 
 def explain(cam, network: torch.nn.Module, dataset, output_dir: str, device, ckpt_dir: str,
-            default_fold: int = 0, class_idx: int | None = None) -> list[dict]:
+            default_fold: int = 0, class_idx: int | None = None, load_path: str | None = None) -> list[dict]:
     """Run Grad-CAM++ on every item of ``dataset`` and write ``<output_dir>/<patient_id>/``.
 
     Each labelled patient is explained by its own fold's best model (``<ckpt_dir>/fold{k}/model.pt``,
     the model that never trained on it and produced its out-of-fold prediction); unlabelled
-    patients by fold ``default_fold``'s model. Outputs:
+    patients by fold ``default_fold``'s model. With ``load_path`` (one model for everyone, e.g.
+    shared weights through configs/synthetic_weights.json) every patient is explained by it.
+    Outputs:
 
     - ``heatmap_t{0,1,2}.nii.gz``: the (D, H, W) map in [0, 1] in the model's input space
       (after crop to the mask and resize), with the affine of that time point's cropped and
@@ -68,9 +70,10 @@ def explain(cam, network: torch.nn.Module, dataset, output_dir: str, device, ckp
         pid = str(item["patient_id"])
         fold = int(item.get("fold", -1))
         fold = fold if fold >= 0 else int(default_fold)
-        if fold != loaded:  # weights change in place: the CAM's hooks stay on the same modules
-            network.load_state_dict(load_state(best_model_path(ckpt_dir, fold), device))
-            loaded = fold
+        weights = load_path if load_path else best_model_path(ckpt_dir, fold)
+        if weights != loaded:  # weights change in place: the CAM's hooks stay on the same modules
+            network.load_state_dict(load_state(weights, device))
+            loaded = weights
         x = item["image"].unsqueeze(0).to(device)
         with torch.no_grad():
             prob = torch.softmax(network(x), dim=1)[0].cpu()
