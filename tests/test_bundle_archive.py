@@ -362,6 +362,7 @@ def test_verified_weights_against_large_files(tmp_path):
     assert integrity.verified_weights(str(shipped), str(SEG)) == str(shipped)
     copy = tmp_path / "hcc_liver_seg"
     (copy / "models").mkdir(parents=True)
+    (copy / "configs").mkdir()
     shutil.copy(SEG / "large_files.yml", copy / "large_files.yml")
     data = bytearray(shipped.read_bytes())
     data[1000] ^= 1
@@ -369,6 +370,14 @@ def test_verified_weights_against_large_files(tmp_path):
     with pytest.raises(integrity.IntegrityError, match=r"synthetic_fs12\.pt: sha256 [0-9a-f]{64} does not match .*large_files\.yml's 9670d36c"):
         integrity.verified_weights(str(copy / "models/synthetic_fs12.pt"), str(copy))
     assert integrity.verified_weights(None) is None
+    # a study folder's manifest.json (the pipeline's) is not a bundle manifest: weights a study
+    # trained under OUT/segmentation/models are loaded as unlisted, not refused
+    study = tmp_path / "study"
+    (study / "segmentation" / "models").mkdir(parents=True)
+    (study / "manifest.json").write_text(json.dumps({"stages": {}}))
+    trained = study / "segmentation" / "models" / "model.pt"
+    shutil.copy(shipped, trained)
+    assert integrity.verified_weights(str(trained)) == str(trained)
     with pytest.raises(ValueError, match="trust_configs"):
         integrity._as_bool("maybe")
 

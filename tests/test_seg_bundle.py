@@ -541,6 +541,7 @@ def test_pretrained_initialises_training_from_verified_weights(data, tmp_path):
 
     copy = tmp_path / "bundle"
     (copy / "models").mkdir(parents=True)
+    (copy / "configs").mkdir()
     shutil.copy(BUNDLE / "large_files.yml", copy / "large_files.yml")
     raw = bytearray(shipped.read_bytes())
     raw[4096] ^= 1

@@ -26,6 +26,8 @@ import os
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: analysis.bundle_archive's manifest format (a study folder's manifest.json is another file)
+MANIFEST_FORMAT = "hcc-tace-bundle-manifest/1"
 LARGE_FILES = "large_files.yml"
 
 
@@ -68,8 +70,10 @@ def manifest_hashes(bundle_root: str) -> dict[str, str] | None:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
-            files = json.load(fh)["files"]
-        return {str(name): str(entry["sha256"]).lower() for name, entry in files.items()}
+            content = json.load(fh)
+        if content.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {content.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        return {str(name): str(entry["sha256"]).lower() for name, entry in content["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise IntegrityError(f"{path}: not a readable bundle manifest ({type(e).__name__}: {e}); expected "
                              f"{{'files': {{path: {{'sha256': hex}}}}}}") from e
@@ -123,11 +127,12 @@ def verify_configs(bundle_root: str, trust_configs=False) -> None:
 
 
 def owning_bundle(path: str, levels: int = 3) -> str | None:
-    """The nearest folder above ``path`` (at most ``levels`` up: models/fold0/model.pt is two)
-    that holds a manifest.json or large_files.yml, or None."""
+    """The nearest bundle folder above ``path`` (at most ``levels`` up: models/fold0/model.pt is
+    two): one with configs/ and a manifest.json or large_files.yml; None when there is none."""
     folder = os.path.dirname(os.path.abspath(path))
     for _ in range(levels):
-        if os.path.isfile(os.path.join(folder, MANIFEST)) or os.path.isfile(os.path.join(folder, LARGE_FILES)):
+        if os.path.isdir(os.path.join(folder, "configs")) and (
+                os.path.isfile(os.path.join(folder, MANIFEST)) or os.path.isfile(os.path.join(folder, LARGE_FILES))):
             return folder
         folder = os.path.dirname(folder)
     return None
