@@ -510,7 +510,8 @@ def _km(ctx: StudyContext, staging: Path, bar) -> dict:
     km_grid(table, methods=methods, by="treatment", out=staging)
     bar.update(1)
     logrank = pd.read_csv(staging / "tables" / "logrank.csv")
-    return {f"p {r.method} / {r.subgroup}": (None if pd.isna(r.p_value) else round(float(r.p_value), 4))
+    # three significant digits, not decimals: a p of 1e-7 must not read as 0
+    return {f"p {r.method} / {r.subgroup}": (None if pd.isna(r.p_value) else float(f"{float(r.p_value):.3g}"))
             for r in logrank.itertuples()}
 
 

@@ -57,6 +57,8 @@ def test_external_validation_reports_without_training(site_b):
                 "logrank_p_prognosis_all", "logrank_p_mrecist_all", "cox_c_index"):
         assert key in summary and (summary[key] is None or isinstance(summary[key], float)), key
     assert summary["kind"] == "external validation" and summary["weights"] == "shared"
+    for key in ("logrank_p_prognosis_all", "logrank_p_mrecist_all"):
+        assert summary[key] is None or 0 < summary[key] <= 1, key  # significant digits: never a rounded 0
     # the shipped segmentation weights on patients they never saw (idle-machine check: 0.94 on 48)
     assert summary["segmentation_dice_eq2"] >= 0.85
     agreement = pd.read_csv(out / "segmentation_inference" / "agreement" / "per_scan.csv")
