@@ -95,7 +95,7 @@ def _sha256_bytes_of(stream, chunk: int = 1 << 20) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _bundle_integrity(bundle: Path):
+def bundle_integrity(bundle: Path):
     """The bundle's own ``scripts/integrity.py``, loaded under a private module name (both
     bundles call their package ``scripts``, so it is never imported as ``scripts``)."""
     path = bundle / "scripts" / "integrity.py"
@@ -153,6 +153,10 @@ def _weights_and_sizes(bundle: Path, overlay: Path | None, weights: str | None) 
         else:
             weights = str(bundle / "models" / "model.pt")
     path = Path(weights)
+    # a relative --weights is the bundle's own file (models/model.pt) unless it exists from here,
+    # as --overlay is read (the bundle READMEs' commands run from the repository root)
+    if not path.is_absolute() and not path.is_file() and (bundle / path).is_file():
+        path = bundle / path
     if not path.is_file():
         raise BundleExportError(f"weights not found: {path}; train the bundle, or pass --weights FILE "
                                 f"(and --overlay with the sizes they were trained at)")
@@ -208,10 +212,9 @@ def _trace_child(bundle: str, configs_json: str, weights: str, key_in_ckpt: str,
     channels = int(parser.get_parsed_content("network_def#in_channels"))
     spatial = parser.get("spatial_size") or parser.get("roi_size")
     shape = [1, channels, *[int(s) for s in spatial]]
-    overrides = {"bundle_root": bundle}
     # ckpt_export reads the configs itself; the overlay's ids apply through config_file's list
     ckpt_export(net_id="network_def", filepath=out, ckpt_file=weights, meta_file=os.path.join(bundle, "configs", "metadata.json"),
-                config_file=configs, key_in_ckpt=key_in_ckpt, use_trace=True, input_shape=shape, **overrides)
+                config_file=configs, key_in_ckpt=key_in_ckpt, use_trace=True, input_shape=shape, bundle_root=bundle)
     print(json.dumps(shape))
 
 
@@ -264,7 +267,7 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, weights: st
             raise BundleExportError(f"overlay {overlay}: must be a file under {bundle / 'configs'}")
     weights_path, feature_size, weight_id = _weights_and_sizes(bundle, overlay_path, weights)
     # the weights' own bundle may publish their hash: a mismatch is refused before loading
-    integrity = _bundle_integrity(bundle)
+    integrity = bundle_integrity(bundle)
     try:
         integrity.verified_weights(str(weights_path))
     except integrity.IntegrityError as e:

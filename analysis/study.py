@@ -206,9 +206,9 @@ def _has_labels(ctx: StudyContext) -> bool:
 def _verified(bundle: Path, weights: Path) -> str:
     """sha256 of ``weights`` after the bundle's own check (scripts/integrity.py: its manifest or
     large_files.yml, weights-only readability); a refusal stops the stage naming the file."""
-    from analysis.bundle_archive import _bundle_integrity
+    from analysis.bundle_archive import bundle_integrity
 
-    integrity = _bundle_integrity(bundle)
+    integrity = bundle_integrity(bundle)
     try:
         integrity.verified_weights(str(weights))
     except (integrity.IntegrityError, FileNotFoundError) as exc:
@@ -268,7 +268,7 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
 
 def _device(settings: dict) -> str:
     # the value goes into a config expression, which MONAI executes: only a known device name
-    # may ever reach it (run_study refuses anything else up front)
+    # may ever reach it (run_study calls this up front, so a bad value stops before any stage)
     if not _DEVICE.match(str(settings["device"])):
         raise ValueError(f"--device {settings['device']!r}: expected cpu, cuda, cuda:N or auto")
     if settings["device"] == "auto":
@@ -700,8 +700,7 @@ def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = 
     if settings["weights"] == "shared" and not settings.get("weights_overlay"):
         raise ValueError("--weights shared needs --weights-overlay (the bundles' overlay selecting the weights and "
                          "their sizes, e.g. synthetic_weights.json)")
-    if not _DEVICE.match(str(settings["device"])):
-        raise ValueError(f"--device {settings['device']!r}: expected cpu, cuda, cuda:N or auto")
+    _device(settings)  # refuses anything but a device name before any stage runs
     if masks_source is None:
         masks_source = "segmentation" if settings["weights"] == "shared" else "auto"
     if masks_source not in ("auto", "segmentation"):

@@ -411,3 +411,13 @@ def test_absolute_member_is_refused(exported, tmp_path):
         z.writestr(zipfile.ZipInfo("/tmp/escaped_absolute.txt"), "x")
     msg = _refused(tmp_path, bad, _sha(bad), r"an absolute path")
     assert "/tmp/escaped_absolute.txt" in msg and not Path("/tmp/escaped_absolute.txt").exists()
+
+
+def test_relative_weights_are_the_bundles_own(tmp_path, monkeypatch):
+    """``--weights models/X.pt`` from the repository root (as the bundle READMEs write it) names
+    the bundle's file; the feature_size check then applies to it."""
+    from analysis.bundle_archive import BundleExportError, export_bundle
+
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(BundleExportError, match=r"hcc_liver_seg/models/synthetic_fs12\.pt: weights have feature_size 12"):
+        export_bundle(SEG, tmp_path / "d", weights="models/synthetic_fs12.pt", overlay="none", trace=False)
