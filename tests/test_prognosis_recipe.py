@@ -253,6 +253,48 @@ def test_region_pooling_reads_each_mask_region(pooling):
     assert len(head) == 4 and len(backbone) + len(head) == len(list(net.parameters()))
 
 
+def test_region_pooling_scaler():
+    """set_standardization fits the pooled vector's scaler: the classifier then reads, on the
+    fitting patients, mean 0 and std 1 per part (a constant part keeps scale 1); the scaler is
+    in the state dict, and weights saved before it existed load as the identity."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+    from scripts.warmup import pooled_vectors
+
+    torch.manual_seed(5)
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=3,
+                        window_size=4, pooling="regions_images").eval()
+    x = torch.randn(4, 9, 64, 64, 64)
+    x[:, 3:] = (torch.rand(4, 6, 64, 64, 64) > 0.7).float()
+    x[:, 3] = 1.0  # liver at t0 everywhere: its share is the same for every patient
+    with torch.no_grad():
+        feats = net.features(x)
+    vectors = pooled_vectors(net, feats, x, "cpu", batch_size=3)
+    assert vectors.shape == (4, 3 * 13 + 18)
+    net.set_standardization(vectors)
+    seen = []
+    net.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    with torch.no_grad():
+        net.head(feats, x)
+    z = seen[0]
+    constant = vectors.std(0) < 1e-6
+    share_t0_liver = 3 * 13 + 12  # regions_images: ..., image means (6), image stds (6), shares (6)
+    assert bool(constant[share_t0_liver]) and net.pooled_scale[share_t0_liver] == 1.0
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z[:, ~constant].std(0), torch.ones(int((~constant).sum())), atol=1e-4, rtol=0)
+    fresh = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=3,
+                          window_size=4, pooling="regions_images")
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(fresh.pooled_mean, net.pooled_mean) and torch.equal(fresh.pooled_scale, net.pooled_scale)
+    old = {k: v for k, v in net.state_dict().items() if not k.startswith("pooled_")}
+    fresh.load_state_dict(old)  # a checkpoint of release <= 0.5.0
+    assert torch.all(fresh.pooled_mean == 0) and torch.all(fresh.pooled_scale == 1)
+    with pytest.raises(ValueError, match=r"expects \(N >= 2, 57\) pooled vectors; got \(4, 5\)"):
+        net.set_standardization(torch.zeros(4, 5))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"in_channels": 3, "head_hidden": 8}, "needs head_hidden > 0 and mask channels"),
     ({"in_channels": 9, "head_hidden": 0}, "needs head_hidden > 0 and mask channels"),
@@ -397,8 +439,9 @@ def learned(cohort, tmp_path_factory) -> dict:
 def test_warmup_trains_only_the_head(learned):
     torch = learned["torch"]
     before, warm = learned["before"], learned["after_warmup"]
-    head = [k for k in before if k.startswith(("swin.out.", "classifier."))]
-    assert head and all(not torch.equal(before[k], warm[k]) for k in head)
+    # the head: swin.out, classifier and the pooled vector's scaler (fitted by the warm-up)
+    head = [k for k in before if k.startswith(("swin.out.", "classifier.", "pooled_"))]
+    assert len(head) == 6 and all(not torch.equal(before[k], warm[k]) for k in head)
     frozen = [k for k in before if k not in head]
     assert all(torch.equal(before[k], warm[k]) for k in frozen)
     # end-to-end training then moves the backbone too (backbone_lr_scale > 0)

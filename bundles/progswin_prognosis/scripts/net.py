@@ -122,6 +122,11 @@ class ProgSwinUNETR(nn.Module):
             # time point's image mean and std, and the region's share of the volume)
             width = self.head_hidden * (1 + 2 * self.n_regions) + (3 * self.n_regions if self.pooling == "regions_images" else 0)
             self.classifier = nn.Linear(width, self.out_channels)
+            # a fitted scaler of the pooled vector (set_standardization): its parts differ in scale
+            # by orders of magnitude (an image's std in a region ~0.1, a hidden channel's mean ~1),
+            # and AdamW's few hundred head steps move the small ones too little to use them
+            self.register_buffer("pooled_mean", torch.zeros(width))
+            self.register_buffer("pooled_scale", torch.ones(width))
         elif self.head_hidden:
             self.classifier = nn.Conv3d(self.head_hidden, self.out_channels, 1)
         else:
@@ -187,13 +192,40 @@ class ProgSwinUNETR(nn.Module):
         if inputs is None or inputs.shape[2:] != features.shape[2:] or inputs.shape[1] != self.in_channels:
             raise ValueError(f"pooling '{self.pooling}' needs the {self.in_channels}-channel input on the features' "
                              f"grid {tuple(features.shape[2:])}; got {None if inputs is None else tuple(inputs.shape)}")
+        v = self.pooled_vector(features, inputs)
+        return self.classifier((v - self.pooled_mean) / self.pooled_scale)
+
+    def pooled_vector(self, features: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Region pooling: the (B, width) vector the linear classifier reads, before standardisation."""
         h = torch.relu(self.swin.out(features)).flatten(2)  # (B, H, V)
         m = inputs[:, self.image_channels:].flatten(2).to(h.dtype)  # (B, R, V)
         count = m.sum(-1) + 1e-6  # an empty region pools to 0
         pooled = [h.mean(-1), *_region_mean_std(h, m, count)]
         if self.pooling == "regions_images":
             pooled += [*_region_mean_std(self._own_images(inputs).to(h.dtype), m, count, per_region=True), m.mean(-1)]
-        return self.classifier(torch.cat([p.flatten(1) for p in pooled], 1))
+        return torch.cat([p.flatten(1) for p in pooled], 1)
+
+    @torch.no_grad()
+    def set_standardization(self, vectors: torch.Tensor) -> None:
+        """Fit the pooled vector's scaler: mean and std over ``vectors`` (N, width), the training
+        patients' pooled vectors (``scripts.warmup.pooled_vectors``); a constant part keeps scale 1."""
+        if not self.region_pooling:
+            raise ValueError(f"pooling '{self.pooling}' has no pooled vector to standardise")
+        vectors = torch.as_tensor(vectors, dtype=self.pooled_mean.dtype)
+        if vectors.ndim != 2 or vectors.shape[1] != self.pooled_mean.numel() or len(vectors) < 2:
+            raise ValueError(f"set_standardization expects (N >= 2, {self.pooled_mean.numel()}) pooled vectors; "
+                             f"got {tuple(vectors.shape)}")
+        std = vectors.std(0)
+        self.pooled_mean.copy_(vectors.mean(0))
+        self.pooled_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the scaler existed (progswin_prognosis < 0.6.0) load as the identity
+        if self.region_pooling:
+            for name, fill in (("pooled_mean", self.pooled_mean), ("pooled_scale", self.pooled_scale)):
+                if prefix + "classifier.weight" in state_dict and prefix + name not in state_dict:
+                    state_dict[prefix + name] = torch.zeros_like(fill) if name == "pooled_mean" else torch.ones_like(fill)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _own_images(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, R, V): for each region channel, the image of its own time point (the masks come

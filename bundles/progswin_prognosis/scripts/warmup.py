@@ -58,6 +58,16 @@ def cache_features(network: torch.nn.Module, dataset, device, dtype=torch.float1
     return torch.cat(feats), (torch.cat(inputs) if inputs else None), torch.tensor(labels, dtype=torch.long)
 
 
+@torch.no_grad()
+def pooled_vectors(network: torch.nn.Module, features: torch.Tensor, inputs: torch.Tensor, device,
+                   batch_size: int = 8) -> torch.Tensor:
+    """(N, width): the region-pooling head's pooled vector of each cached item, before its scaler."""
+    net = unwrap(network)
+    return torch.cat([net.pooled_vector(features[i:i + batch_size].to(device, torch.float32),
+                                        inputs[i:i + batch_size].to(device, torch.float32)).cpu()
+                      for i in range(0, len(features), batch_size)])
+
+
 def balanced_weights(labels) -> torch.Tensor:
     """Per-item sampling weights 1 / (count of its class): each class drawn equally often."""
     labels = torch.as_tensor(labels).long()
@@ -83,7 +93,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
                learning_rate: float = 3e-3, batch_size: int = 8, balanced: bool = True,
                weight_decay: float = 1e-4, device="cpu", seed: int = 0, log_interval: int = 100,
                val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
-               inputs: torch.Tensor | None = None, val_inputs: torch.Tensor | None = None) -> pd.DataFrame:
+               inputs: torch.Tensor | None = None, val_inputs: torch.Tensor | None = None,
+               l2: float = 0.0) -> pd.DataFrame:
     """``steps`` AdamW updates of the head only (``swin.out``, and ``classifier`` in the
     hidden-layer variant), on cached features, the
     learning rate decaying from ``learning_rate`` to 0 on a cosine.
@@ -92,6 +103,10 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     curve: every ``log_interval`` steps the mean training loss since the last row, the accuracy
     on all cached training items and, when validation features are given, their macro AUC and
     accuracy. ``inputs`` / ``val_inputs``: the cached network input (region-pooling head).
+    ``l2``: a penalty ``l2 * sum(weight ** 2)`` on the classifier's weights (region pooling and
+    hidden-layer heads) added to the loss: a logistic regression's ridge penalty. AdamW's decoupled
+    weight decay is scaled by the learning rate and barely regularises; on a few hundred patients
+    and tens of pooled inputs the head then fits the random features' noise.
     """
     net = unwrap(network)
     optimizer = torch.optim.AdamW(backbone_and_head(net)[1], lr=float(learning_rate), weight_decay=float(weight_decay))
@@ -106,6 +121,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
         idx = torch.multinomial(weights, min(int(batch_size), len(labels)), replacement=True, generator=gen)
         logits = _head(net, features, inputs, idx, device)
         loss = loss_fn(logits, labels[idx].to(device))
+        if l2 and net.classifier is not None:
+            loss = loss + float(l2) * net.classifier.weight.pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -139,6 +156,12 @@ class HeadWarmup:
         output_dir: where ``warmup_curve.csv`` / ``.png`` go (None: not written).
         device: where features are computed and the head trained.
         feature_stride: cache every n-th voxel per axis (see :func:`cache_features`); 1 = all.
+            The region statistics are read from the cached grid too: at stride 4 a tumour of a
+            few hundred voxels keeps a handful, and its intensity spread (the heterogeneity of a
+            high-risk lesion) is lost (docs/README.md, "Recipe measurements").
+        standardize: region pooling only: fit the pooled vector's scaler on the training
+            patients (``ProgSwinUNETR.set_standardization``) before the head steps.
+        l2: the classifier's ridge penalty during the warm-up (see :func:`train_head`).
 
     A resumed run (epoch > 0 after the checkpoint is loaded) skips it: attach it after the
     resume loader and the pretrained loader.
@@ -146,12 +169,17 @@ class HeadWarmup:
 
     def __init__(self, network, dataset, steps: int = 0, learning_rate: float = 3e-3, batch_size: int = 8,
                  balanced=True, weight_decay: float = 1e-4, val_dataset=None, output_dir: str | None = None,
-                 device="cpu", seed: int = 0, log_interval: int = 100, feature_stride: int = 1) -> None:
+                 device="cpu", seed: int = 0, log_interval: int = 100, feature_stride: int = 1,
+                 standardize=True, l2: float = 0.0) -> None:
         self.network, self.dataset, self.val_dataset = network, dataset, val_dataset
         self.steps, self.learning_rate, self.batch_size = int(steps), float(learning_rate), int(batch_size)
         self.balanced, self.weight_decay = as_bool(balanced, "balanced_sampling"), float(weight_decay)
         self.output_dir, self.device, self.seed, self.log_interval = output_dir, device, int(seed), int(log_interval)
         self.feature_stride = int(feature_stride)
+        self.standardize = as_bool(standardize, "warmup_standardize")
+        self.l2 = float(l2)
+        if self.l2 < 0:
+            raise ValueError(f"warmup_l2 must be >= 0; got {l2}")
         if self.steps < 0:
             raise ValueError(f"warmup_steps must be >= 0; got {steps}")
         self.curve: pd.DataFrame | None = None
@@ -170,9 +198,13 @@ class HeadWarmup:
         val = (cache_features(self.network, self.val_dataset, self.device, stride=self.feature_stride)
                if self.val_dataset is not None else (None, None, None))
         t1 = time.perf_counter()
+        net = unwrap(self.network)
+        if self.standardize and getattr(net, "region_pooling", False):
+            net.set_standardization(pooled_vectors(net, features, inputs, self.device, self.batch_size))
         self.curve = train_head(self.network, features, labels, self.steps, self.learning_rate, self.batch_size,
                                 self.balanced, self.weight_decay, self.device, self.seed, self.log_interval,
-                                val_features=val[0], val_labels=val[2], inputs=inputs, val_inputs=val[1])
+                                val_features=val[0], val_labels=val[2], inputs=inputs, val_inputs=val[1],
+                                l2=self.l2)
         last = self.curve.iloc[-1].to_dict()
         log.info("head warm-up: %d patients' features cached in %.1f s, %d head steps in %.1f s; %s",
                  len(labels), t1 - t0, self.steps, time.perf_counter() - t1,
