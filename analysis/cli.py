@@ -42,6 +42,10 @@ VERBS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: a verb's arguments asking for its help (fire's: NAME, SYNOPSIS, every flag with its Args line)
+HELP_FLAGS = frozenset({"-h", "--help"})
+
+
 def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = ["usage: python -m analysis VERB [--flags]", "", "verbs:"]
@@ -62,5 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, func_name, _ = VERBS[verb]
     func = getattr(importlib.import_module(module_name), func_name)
+    if any(arg in HELP_FLAGS for arg in rest):
+        # fire's own help, never a call: after the ``--`` separator --help is a fire flag, so a verb
+        # taking **overrides (study) cannot receive it as a setting, and no verb runs with the other
+        # arguments given (``verb ARGS -- --help`` would call it, then show help on the result).
+        # fire prints the help to stderr and raises FireExit(0), a SystemExit: exit status 0.
+        rest = ["--", "--help"]
     # fire prints a returned object; verbs return None or a short summary string
     fire.Fire(func, command=rest, name=f"analysis {verb}")

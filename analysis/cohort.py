@@ -397,7 +397,16 @@ def check_cohort(cohort: str | Path, progress: bool = True) -> None:
 
 
 def validate_cli(cohort: str, quiet: bool = False) -> None:
-    """python -m analysis validate DIR: one line per problem, exit status 2 if any; writes nothing."""
+    """python -m analysis validate DIR: one line per problem, exit status 2 if any; writes nothing.
+
+    Checks clinical.csv against the JSON Schema, then every image and label (loadable, 3-D, finite,
+    label values 0/1/2, label shape and affine equal to the image's, t0/t1/t2 all present, no orphan
+    or unpaired files). Problems go to stderr.
+
+    Args:
+        cohort: the cohort folder to check (docs/contracts.md).
+        quiet: no progress bar, and nothing printed when the cohort is valid (problems are still listed).
+    """
     import sys
 
     problems = validate_cohort(cohort, progress=not quiet)
@@ -446,6 +455,13 @@ def summarise_cohort(cohort: str | Path) -> dict:
 
 
 def summary_cli(cohort: str) -> None:
-    """python -m analysis summary DIR: headline counts of a cohort folder."""
+    """python -m analysis summary DIR: headline counts of a cohort folder.
+
+    Patients, treatment groups, deaths, censored fraction, median follow-up, risk classes, scans,
+    orientations and the voxel spacing range. Meant for a folder that passes ``validate``.
+
+    Args:
+        cohort: the cohort folder (its clinical.csv and images/) to summarise.
+    """
     for key, value in summarise_cohort(cohort).items():
         print(f"{key:>26}: {value}")

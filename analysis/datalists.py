@@ -165,7 +165,23 @@ def write_datalists(cohort: str | Path, out: str | Path | None = None, folds: in
 
 def datalists_cli(cohort: str, out: str | None = None, folds: int = 4, seed: int = 0,
                   masks: str | None = None, dataset_dir: str | None = None, val_fraction: float = 0.2) -> None:
-    """python -m analysis datalists DIR --folds 4 --seed K --out DIR2 [--masks DIR] [--dataset-dir DIR]"""
+    """python -m analysis datalists DIR --folds 4 --seed K --out DIR2 [--masks DIR] [--dataset-dir DIR]
+
+    Writes segmentation.json (labelled patients' scans split into training and validation, every scan
+    for testing) and prognosis.json (patients with a defined risk_class in stratified folds, the others
+    listed as unlabelled and excluded). Paths in them are relative to --dataset-dir.
+
+    Args:
+        cohort: the cohort folder (docs/contracts.md).
+        out: folder for segmentation.json and prognosis.json (default <cohort>/datalists).
+        folds: number of prognosis cross-validation folds (patient level, stratified by risk_class).
+        seed: seed of the fold assignment and of the segmentation training/validation split.
+        masks: folder of liver/tumour masks <masks>/<patient_id>/t0|t1|t2.nii.gz that prognosis.json
+            points to (default <cohort>/labels, the manual labels).
+        dataset_dir: folder every datalist path is relative to, the bundles' data root (default the cohort).
+        val_fraction: fraction of the labelled patients held out for segmentation validation (rounded; at
+            least one patient on each side when there are two or more).
+    """
     paths = write_datalists(cohort, out=out, folds=folds, seed=seed, masks=masks, dataset_dir=dataset_dir,
                             val_fraction=val_fraction)
     for name, path in paths.items():

@@ -732,11 +732,25 @@ def classify_cli(features: str, clinical: str, out: str, dl_predictions: str | N
                  score_model: str = DEFAULT_SCORE_MODEL) -> str:
     """Feature selection + five classifiers on radiomic features, with ROC/AUC and 95 % bootstrap CI.
 
-    --features features.csv (from `radiomics`) --clinical clinical.csv --out DIR
-    --dl-predictions oof.csv (deep model's out-of-fold predictions: compared by paired bootstrap)
-    --design both|cv4|split75 (summary.json reports the first: cv4 for both)
-    --models naive_bayes,random_forest,svm,decision_tree,xgboost --seed 0 --n-boot 1000
-    --corr-threshold 0.9 --score-model naive_bayes (radiomic score = its OOF prob_0 + prob_1)
+    Selection (LASSO, then correlation pruning) is refitted inside every training split. Patients need
+    a defined risk_class and a feature row; the others are listed in tables/excluded.csv. Writes
+    summary.json, radiomic_score.csv (the score model's cv4 out-of-fold prob_0 + prob_1),
+    predictions/, tables/ and figures/ into OUT.
+
+    Args:
+        features: feature table CSV from ``radiomics`` (patient_id + one column per feature).
+        clinical: clinical.csv with patient_id and risk_class (or os_months, death, imaging_high_risk
+            to derive it).
+        out: output folder.
+        dl_predictions: the deep model's out-of-fold predictions.csv (patient_id, prob_0..prob_3);
+            every model's AUCs are compared with it by paired bootstrap on the patients both predicted.
+        design: cv4 (stratified 4-fold cross-validation), split75 (stratified 75/25 train/test split)
+            or both; summary.json reports the first one (cv4 for both).
+        models: comma-separated classifiers among naive_bayes, random_forest, svm, decision_tree, xgboost.
+        seed: seed of the splits, the classifiers and the bootstrap.
+        n_boot: bootstrap resamples for the AUC confidence intervals and the paired comparison.
+        corr_threshold: of two selected features with |Pearson r| above this, the less important is dropped.
+        score_model: the model (one of --models) whose cv4 out-of-fold probabilities give the radiomic score.
     """
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if m.strip()]
     try:

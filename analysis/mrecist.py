@@ -487,7 +487,23 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
     """mRECIST per patient: from --cohort/--masks, or only classify --diameters FILE.
 
     Writes OUT (mrecist.csv) and, with --figure, figures/waterfall.png (+ tables/waterfall.csv)
-    beside it. --min-target-mm (default 10, the standard) exists only for scaled synthetic anatomy.
+    beside it. The measurement flags (--k to --min-target-mm) apply to --cohort only; the rules are in
+    docs/mrecist.md.
+
+    Args:
+        cohort: cohort folder whose arterial-phase images/ are measured, with --masks.
+        masks: folder of masks <masks>/<patient_id>/t0|t1|t2.nii.gz (0 background, 1 liver, 2 tumour);
+            default <cohort>/labels.
+        out: the mrecist.csv to write (per patient the viable sums, response at t1 and t2, best_response).
+        diameters: CSV of measured viable-diameter sums to classify instead of measuring (patient_id,
+            sum_mm_t0 and optionally sum_mm_t1, sum_mm_t2, new_lesion_t1, new_lesion_t2); wins over --cohort.
+        k: viable tumour = voxels brighter than median + k x 1.4826 x MAD of the surrounding liver shell.
+        shell_mm: width in mm of the liver shell around each lesion that is the reference intensity.
+        match_mm: a follow-up lesion overlapping none belongs to the nearest baseline lesion within this (mm).
+        min_viable_mm3: viable 3-D components smaller than this volume (mm^3) are discarded as noise.
+        min_target_mm: smallest longest axial diameter (mm) of a target and of a qualifying new lesion;
+            10 is the standard, change it only for scaled synthetic anatomy.
+        figure: also draw the waterfall plot of the best change from baseline (--nofigure to skip it).
     """
     try:
         if diameters is not None:

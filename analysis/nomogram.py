@@ -441,9 +441,31 @@ def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, eve
                  groups: int = 4, seed: int = 0):
     """Cox nomogram with per-patient points, survival at --times, high-risk flag, calibration and DCA.
 
-    Variables: --variables a,b, or those with p < --alpha in the full model of --covariates.
-    High risk: predicted mortality at --horizon months above --cutoff (default 0.70).
-    Same table flags as ``cox`` (--categorical, --reference, --penalizer, --join NAME=FILE:COLUMN).
+    The nomogram's variables are --variables, or else the --covariates whose joint Wald p is below
+    --alpha in the full Cox model. A patient is high risk when the predicted mortality at --horizon
+    months is above --cutoff. Writes figures/nomogram.png, the calibration and decision-curve figures,
+    tables/nomogram_*.csv and summary.json into OUT. The table flags are those of ``cox``.
+
+    Args:
+        table: per-patient CSV with the duration, event and covariate columns (a clinical.csv is read typed).
+        out: output folder.
+        covariates: candidate variables of the full model, comma-separated column names (a,b,c).
+        duration: column of follow-up time in months (the unit of --times and --horizon).
+        event: column of the event indicator, 1 = death, 0 = censored.
+        categorical: comma-separated covariates to treat as categorical (non-numeric columns are anyway).
+        reference: reference levels, VARIABLE=LEVEL[,VARIABLE=LEVEL] (default the first level in
+            sorted order).
+        penalizer: lifelines CoxPHFitter ridge penalty of the full and the final model (0 = none).
+        join: NAME=FILE:COLUMN[,...] adds COLUMN of another per-patient CSV (joined on patient_id) as NAME.
+        variables: comma-separated variables to use as given, instead of the selection by --alpha.
+        alpha: selection threshold on each covariate's joint Wald p-value in the full model.
+        times: comma-separated months at which every patient's predicted survival is given.
+        horizon: months at which the predicted mortality 1 - S(t) meets --cutoff and at which the
+            calibration and the decision curve are computed.
+        cutoff: predicted mortality at --horizon above which a patient is high risk, a probability in (0, 1).
+        n_boot: bootstrap resamples of the optimism-corrected calibration (0 skips the calibration).
+        groups: quantile groups of predicted survival in the calibration (kept between 2 and n / 5).
+        seed: seed of the calibration bootstrap.
     """
     try:
         df = read_table(table, join)

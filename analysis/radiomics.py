@@ -385,11 +385,24 @@ def radiomics_cli(cohort: str, masks: str, out: str = "features.csv", timepoint:
                   cache_dir: str | None = None, no_cache: bool = False) -> str:
     """PyRadiomics features of one time point's ROI for every patient of a cohort.
 
-    --cohort DIR --masks DIR (<masks>/<patient_id>/<timepoint>.nii.gz, labels 0/1/2)
-    --out features.csv (also writes features_diagnostics.csv, features_errors.csv, features.json)
-    --timepoint t0|t1|t2 (default t1) --roi tumour|liver|liver+tumour (default tumour)
-    --params settings YAML (default: the packaged exampleMR_3mm settings, 1132 features)
-    --jobs N parallel processes --cache-dir DIR (default: <out folder>/.radiomics_cache) --no-cache
+    A patient without features (no image or mask, ROI empty or under 8 voxels / 64 mm^3, PyRadiomics
+    failure) is listed in the errors CSV and the run goes on; an image/mask geometry mismatch stops
+    the run before anything is computed. Rules and outputs are in the docstring of analysis.radiomics.
+
+    Args:
+        cohort: the cohort folder (images/<patient_id>/<timepoint>.nii.gz); its patients are the clinical.csv
+            ids and the images/ folders.
+        masks: folder of masks <masks>/<patient_id>/<timepoint>.nii.gz (0 background, 1 liver, 2 tumour),
+            each with its image's size and affine.
+        out: the feature table CSV (patient_id + one column per feature); <stem>_diagnostics.csv,
+            <stem>_errors.csv and <stem>.json (provenance) are written beside it.
+        timepoint: the scan whose features are computed, t0, t1 or t2.
+        roi: the region, tumour (label 2), liver (label 1) or liver+tumour (labels 1 and 2).
+        params: PyRadiomics settings YAML (default the packaged exampleMR_3mm settings, 1132 features).
+        jobs: number of parallel worker processes (1 = in this process).
+        cache_dir: per-patient result cache, keyed by the SHA-256 of image, mask and settings, the ROI
+            labels and the PyRadiomics version (default <out folder>/.radiomics_cache).
+        no_cache: neither read nor write the cache, so every patient is recomputed.
     """
     if cache_dir is None and not no_cache:
         cache_dir = str(Path(out).parent / ".radiomics_cache")

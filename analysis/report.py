@@ -423,7 +423,12 @@ def build_report(study: str | Path, out: str | Path | None = None) -> Path:
 
 
 def report_cli(study: str, out: str | None = None) -> str:
-    """One self-contained HTML page of a study folder (default OUT: <study>/report.html)."""
+    """One self-contained HTML page of a study folder (default OUT: <study>/report.html).
+
+    Args:
+        study: the study folder, the OUT of ``python -m analysis study`` (manifest.json, a folder per stage).
+        out: the HTML file to write (default <study>/report.html).
+    """
     try:
         path = build_report(study, out)
     except FileNotFoundError as exc:

@@ -839,6 +839,46 @@ def study_cli(cohort: str | None = None, out: str = "study_output", profile: str
     With no --cohort the embedded synthetic cohort of the profile is generated. Reruns skip every
     stage whose inputs (content hashes) and settings did not change. The demo profile runs both
     bundles' shipped synthetic weights (inference only); scratch trains both networks instead.
+
+    Every other --flag VALUE sets one setting of the profile (PROFILES in analysis/study.py); an
+    unknown name stops the run with the list of known ones.
+
+      --patients N, --shape S        the synthetic cohort made when no --cohort is given (matrix S x S)
+      --seed K                       seed of that cohort, the folds and splits, classify and the bootstraps
+      --folds N                      prognosis cross-validation folds
+      --weights shared|train         run the bundles' shared weights (inference only) or train both networks
+      --weights-overlay FILE         the bundles' config overlay selecting the shared weights and their sizes
+      --device cpu|cuda|cuda:N|auto  where both networks run
+      --seg-epochs E, --prog-epochs E    training epochs (prognosis per fold)
+      --feature-size F               Swin-UNETR feature size of both networks (when training)
+      --net-size N, --seg-roi R      prognosis input and segmentation patch edge in voxels (when training)
+      --seg-spacing-mm [X,Y,Z]       segmentation resampling spacing in mm
+      --seg-num-samples N            random patches per image and iteration in segmentation training
+      --seg-val-interval N           validate the segmentation every N epochs
+      --grad-checkpointing BOOL      gradient checkpointing in segmentation training (less memory, slower)
+      --sw-batch-size N              sliding-window batch size of segmentation inference
+      --num-workers N                data loader worker processes
+      --radiomics-jobs N             parallel radiomics processes
+      --bootstrap N                  bootstrap resamples of the confidence intervals (prognosis, classify)
+      --cox-penalizer P              ridge penalty of the cox and nomogram stages
+
+    Args:
+        cohort: the cohort folder (docs/contracts.md); without it the profile's synthetic cohort is made
+            in OUT/cohort.
+        out: the study folder (a folder per stage, manifest.json, summary.json, report.html); a rerun
+            resumes it.
+        profile: demo (48 synthetic patients, the bundles' shared weights, inference only), scratch (trains
+            both networks at tiny size) or paper (the paper's setup, for a GPU).
+        seg_weights: segmentation weights file (model.pt) used instead of training the segmentation network,
+            checked by the bundle's integrity script; not with --weights shared.
+        force: stage(s) to rerun even when unchanged, comma-separated, among validate, datalists,
+            segmentation, segmentation_inference, masks, prognosis, gradcam, radiomics, classify, mrecist,
+            km, cox, nomogram, table1, report.
+        masks_source: auto (manual labels where present, else the automatic masks) or segmentation
+            (automatic masks everywhere); default segmentation with shared weights, auto otherwise.
+        bundles: folder holding hcc_liver_seg/ and progswin_prognosis/ (default $HCC_BUNDLES, ./bundles,
+            then the repository's bundles/).
+        quiet: no progress bars.
     """
     from analysis.flags import as_bool
 

@@ -467,11 +467,21 @@ def km_cli(clinical: str, groups, out: str, by: str = "treatment", duration: str
            marker_months: float = MARKER_MONTHS, panels: bool = False):
     """Kaplan-Meier curves and log-rank tests per group method, whole cohort and per --by subgroup.
 
-    --groups: one or more ``[NAME=][FILE:]COLUMN``, comma-separated (fire keeps only the last of a
-    repeated flag), e.g. ``mRECIST=clinical.csv:mrecist,ProgSwin-UNETR=oof_predictions.csv:pred_class``;
-    FILE is joined on patient_id; without FILE the column comes from --clinical. Several methods give
-    the Fig. 6 grid (rows methods, columns all + each --by value). --by '' draws only the whole cohort.
-    --panels also writes one figure per panel (km_<method>_<subgroup>.png).
+    Several --groups methods give the Fig. 6 grid (rows methods, columns all + each --by value), e.g.
+    --groups mRECIST=clinical.csv:mrecist,ProgSwin-UNETR=oof_predictions.csv:pred_class (comma-separated
+    in one flag: fire keeps only the last of a repeated flag). Writes figures/km_grid.png,
+    tables/logrank.csv, tables/median_os.csv, tables/unassigned.csv and summary.json into OUT.
+
+    Args:
+        clinical: clinical.csv with patient_id and the --duration, --event and --by columns.
+        groups: one or more [NAME=][FILE:]COLUMN, comma-separated; FILE is joined on patient_id, without
+            FILE the column comes from --clinical; NAME labels the method (default the column name).
+        out: output folder.
+        by: column whose values give one subgroup panel each besides the whole cohort ('' for none).
+        duration: column of follow-up time in months.
+        event: column of the event indicator, 1 = death, 0 = censored.
+        marker_months: time in months marked by a dashed vertical line (the paper's mid-term point).
+        panels: also write one figure per panel, figures/km_<method>_<subgroup>.png.
     """
     try:
         summary = run_km(clinical, groups, out, by=by or None, duration=duration, event=event,
@@ -904,10 +914,25 @@ def cox_cli(table: str, out: str, covariates, duration: str = DURATION, event: s
             seed: int = 0):
     """Multivariable Cox model on any table: summary, forest plot, C-index (+ CV), Schoenfeld PH test.
 
-    --covariates a,b,c; --categorical c (non-numeric columns are categorical anyway);
-    --reference c=LEVEL; --coding deviation (per-level log(HR) vs the mean, as Fig. 7) or reference;
-    --join NAME=FILE:COLUMN[,...] adds columns from other per-patient CSVs (e.g.
-    dl_class=oof_predictions.csv:pred_class).
+    Efron ties; rows lacking a value of any covariate are dropped and listed in tables/excluded.csv.
+    Writes tables/cox_summary.csv, tables/ph_test.csv, figures/cox_forest.png, figures/schoenfeld.png
+    and summary.json into OUT. A join, e.g. --join dl_class=oof_predictions.csv:pred_class.
+
+    Args:
+        table: per-patient CSV with the duration, event and covariate columns (a clinical.csv is read typed).
+        out: output folder.
+        covariates: the model's variables, comma-separated column names (a,b,c), --join names included.
+        duration: column of follow-up time (months in clinical.csv).
+        event: column of the event indicator, 1 = death, 0 = censored.
+        categorical: comma-separated covariates to treat as categorical (non-numeric columns are anyway).
+        reference: reference levels, VARIABLE=LEVEL[,VARIABLE=LEVEL] (default the first level in sorted
+            order); used by --coding reference and by categoricals with two levels.
+        penalizer: lifelines CoxPHFitter ridge penalty (0 = none; e.g. 0.1 for collinear or separating data).
+        coding: categorical coding, deviation (each level's log(HR) against the mean of all levels, as in
+            Fig. 7) or reference (dummy contrasts against the reference level).
+        join: NAME=FILE:COLUMN[,...] adds COLUMN of another per-patient CSV (joined on patient_id) as NAME.
+        cv_folds: folds of the cross-validated C-index (0 skips it).
+        seed: seed of the cross-validation folds.
     """
     try:
         df = read_table(table, join)

@@ -729,7 +729,18 @@ def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0,
 
 
 def synth_cli(out, patients: int = 181, shape: int = 128, seed: int = 0) -> str:
-    """Write a synthetic HCC cohort: ``python -m analysis synth --out DIR --patients N --shape S --seed K``."""
+    """Write a synthetic HCC cohort: ``python -m analysis synth --out DIR --patients N --shape S --seed K``.
+
+    The cohort folder of docs/contracts.md (images/, labels/, clinical.csv, cohort.json); how the
+    patients, anatomy and scans are drawn is in the docstring of analysis.synthetic.
+
+    Args:
+        out: the cohort folder to write; it must be new, empty or an earlier synthetic cohort (replaced).
+        patients: number of patients, an integer >= 1 (181 is the paper's cohort size).
+        shape: in-plane matrix size S, an integer >= 16 (S x S voxels, max(8, round(0.4 S)) slices of 5 mm);
+            a small S shows a proportionally smaller abdomen.
+        seed: generator seed, an integer >= 0; with one seed, patient i is the same whatever --patients.
+    """
     try:
         _check_args(patients, shape, seed, names=("--patients", "--shape", "--seed"))
         path = make_cohort(out, n_patients=patients, shape=shape, seed=seed, progress=True)

@@ -191,7 +191,19 @@ def write_table1(table: pd.DataFrame, out: str | Path) -> Path:
 
 def table1_cli(clinical: str, group: str = "treatment", out: str = "table1.csv", mrecist: str | None = None,
                mrecist_column: str = "best_response") -> str:
-    """Table 1 of a clinical.csv: writes OUT and summary.json beside it."""
+    """Table 1 of a clinical.csv: writes OUT and summary.json beside it.
+
+    Categorical rows n (%), continuous rows mean (SD), a chi-square, t-test or ANOVA p-value per
+    characteristic (analysis.table1). Patients without a --group value are left out and listed.
+
+    Args:
+        clinical: the clinical.csv to tabulate.
+        group: column whose values are the table's columns besides overall, e.g. treatment.
+        out: the table CSV to write; summary.json (tests, notes, excluded patients) goes beside it.
+        mrecist: a mrecist.csv whose --mrecist-column becomes the mRECIST row, replacing clinical.csv's
+            mrecist column (joined on patient_id; patients absent from it are N/A).
+        mrecist_column: the column of --mrecist to use, e.g. best_response, response_t1 or response_t2.
+    """
     from analysis.cohort import read_clinical
 
     path = Path(clinical)
