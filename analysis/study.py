@@ -42,7 +42,7 @@ _TINY_NETWORKS = {
     "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
     "grad_checkpointing": False, "sw_batch_size": 1,
     "num_workers": 0,
-    "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
+    "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu", "tracking": "none",
 }
 PROFILES: dict[str, dict] = {
     "demo": {
@@ -51,12 +51,7 @@ PROFILES: dict[str, dict] = {
     },
     "scratch": {
         "patients": 12, "shape": 64, "seed": 0, "folds": 4,
-        "weights": "train", "weights_overlay": None,
-        "feature_size": 12, "net_size": 64, "seg_roi": 64, "seg_epochs": 1, "prog_epochs": 2,
-        "seg_spacing_mm": [2.5, 2.5, 5.0], "seg_num_samples": 1, "seg_val_interval": 1,
-        "grad_checkpointing": False, "sw_batch_size": 1,
-        "num_workers": 0,
-        "radiomics_jobs": 2, "bootstrap": 1000, "cox_penalizer": 0.1, "device": "cpu",
+        "weights": "train", "weights_overlay": None, **_TINY_NETWORKS,
     },
     "paper": {
         "patients": 181, "shape": 128, "seed": 0, "folds": 4,
@@ -66,10 +61,13 @@ PROFILES: dict[str, dict] = {
         "grad_checkpointing": True, "sw_batch_size": 4,
         "num_workers": 4,
         "radiomics_jobs": os.cpu_count() or 2, "bootstrap": 2000, "cox_penalizer": 0.0, "device": "auto",
+        "tracking": "none",
     },
 }
 
 WEIGHTS_MODES = ("train", "shared")
+#: experiment tracking of the bundles' training runs (monai.bundle run --tracking)
+TRACKING_MODES = ("none", "mlflow")
 
 #: the paper's headline numbers (Yao et al. 2025), shown beside this run's
 PAPER = {
@@ -253,7 +251,7 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
         "max_epochs": s["seg_epochs"], "feature_size": s["feature_size"], "roi_size": [s["seg_roi"]] * 3,
         "device": _device(s), "num_samples": s["seg_num_samples"], "val_interval": s["seg_val_interval"],
         "use_checkpoint": s["grad_checkpointing"], "num_workers": s["num_workers"],
-        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"],
+        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"], **_tracking(s),
     }
     bar.reset(total=2)
     run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
@@ -264,6 +262,14 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
+def _tracking(settings: dict) -> dict:
+    """``{"tracking": "mlflow"}`` for the training runs' overrides, or nothing."""
+    mode = str(settings["tracking"]).strip().lower()
+    if mode not in TRACKING_MODES:
+        raise ValueError(f"--tracking {settings['tracking']!r}: expected one of {', '.join(TRACKING_MODES)}")
+    return {} if mode == "none" else {"tracking": mode}
 
 
 def _device(settings: dict) -> str:
@@ -354,7 +360,7 @@ def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
     }
     cmd_overrides = {"bundle_root": str(ctx.prog_bundle), "dataset_dir": str(ctx.cohort),
                      "datalist": str(ctx.path("datalists", "prognosis.json")), "output_dir": str(staging),
-                     "folds": s["folds"], **overrides}
+                     "folds": s["folds"], **overrides, **_tracking(s)}
     bar.reset(total=1)
     run_bundle(ctx.prog_bundle, [], cmd_overrides, staging / "cross_validate.log", bar,
                module="scripts.cross_validate", verb="")
@@ -701,6 +707,7 @@ def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = 
         raise ValueError("--weights shared needs --weights-overlay (the bundles' overlay selecting the weights and "
                          "their sizes, e.g. synthetic_weights.json)")
     _device(settings)  # refuses anything but a device name before any stage runs
+    _tracking(settings)
     if masks_source is None:
         masks_source = "segmentation" if settings["weights"] == "shared" else "auto"
     if masks_source not in ("auto", "segmentation"):
@@ -849,6 +856,7 @@ def study_cli(cohort: str | None = None, out: str = "study_output", profile: str
       --weights shared|train         run the bundles' shared weights (inference only) or train both networks
       --weights-overlay FILE         the bundles' config overlay selecting the shared weights and their sizes
       --device cpu|cuda|cuda:N|auto  where both networks run
+      --tracking none|mlflow         MLflow tracking of the bundles' training runs (their <output_dir>/mlruns.db)
       --seg-epochs E, --prog-epochs E    training epochs (prognosis per fold)
       --feature-size F               Swin-UNETR feature size of both networks (when training)
       --net-size N, --seg-roi R      prognosis input and segmentation patch edge in voxels (when training)

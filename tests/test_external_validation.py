@@ -133,3 +133,45 @@ def test_device_flag_is_a_device_name_never_code(tmp_path):
                            payload, "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--device" in proc.stderr and "expected cpu, cuda" in proc.stderr
     assert not marker.exists() and not (tmp_path / "o" / "validation").exists()
+
+
+@pytest.mark.parametrize("tracking, expected", [("mlflow", "mlflow"), ("MLflow", "mlflow"), ("none", None)])
+def test_tracking_reaches_the_training_runs(tmp_path, monkeypatch, tracking, expected):
+    """--tracking mlflow is passed on to every bundle training run the study drives (segmentation
+    train and evaluate, prognosis cross-validation); none passes nothing."""
+    from analysis import study
+
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(bundle, configs, overrides, log_file, bar=None, **kwargs):
+        calls.append((bundle.name, tuple(configs), dict(overrides)))
+        if len(calls) in (2, 3):  # after seg evaluate and after cross-validation: stop the stage
+            raise Recorded
+
+    class Bar:
+        def reset(self, total=None): pass
+        def update(self, n=1): pass
+
+    monkeypatch.setattr(study, "run_bundle", record)
+    (tmp_path / "datalists").mkdir()
+    (tmp_path / "datalists" / "segmentation.json").write_text(json.dumps({"training": [{"image": "x"}]}))
+    settings = {**study.PROFILES["scratch"], "tracking": tracking}
+    ctx = study.StudyContext(out=tmp_path, cohort=tmp_path, settings=settings, bundles=BUNDLES)
+    with pytest.raises(Recorded):
+        study._segmentation(ctx, tmp_path / "seg", Bar())
+    with pytest.raises(Recorded):
+        study._prognosis(ctx, tmp_path / "prog", Bar())
+    assert [(b, c) for b, c, _ in calls] == [("hcc_liver_seg", ("train.json",)),
+                                            ("hcc_liver_seg", ("train.json", "evaluate.json")),
+                                            ("progswin_prognosis", ())]
+    assert [o.get("tracking") for _, _, o in calls] == [expected] * 3
+
+
+def test_tracking_flag_refuses_an_unknown_tracker(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "analysis", "study", "--out", str(tmp_path / "o"), "--tracking",
+                           "wandb", "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--tracking 'wandb': expected one of none, mlflow" in proc.stderr
+    assert not (tmp_path / "o" / "validation").exists()
