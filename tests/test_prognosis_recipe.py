@@ -586,3 +586,25 @@ def test_shipped_prognosis_weights_run_from_the_repository_root(cohort, tmp_path
     probs = frame[[f"prob_{k}" for k in range(4)]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (frame["pred_class"] == probs.argmax(1)).all()
+
+
+def test_warmup_l2_penalises_every_heads_last_map():
+    """warmup_l2 regularises the last linear map of every head: classifier for the hidden-layer
+    and region-pooling heads, swin.out for Eq. 6, whose weights shrink under a large penalty."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+    from scripts.warmup import train_head
+
+    eq6 = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1), window_size=4)
+    hidden = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1), window_size=4, head_hidden=3)
+    assert eq6.final_weight() is eq6.swin.out.conv.conv.weight and hidden.final_weight() is hidden.classifier.weight
+    feats, labels = torch.randn(8, 12, 4, 4, 4), torch.tensor([0, 1, 2, 3] * 2)
+    norms = []
+    for l2 in (0.0, 10.0):
+        torch.manual_seed(0)
+        net = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1), window_size=4)
+        train_head(net, feats, labels, steps=50, learning_rate=0.01, l2=l2, log_interval=50)
+        norms.append(float(net.final_weight().norm()))
+    assert norms[1] < 0.5 * norms[0], norms

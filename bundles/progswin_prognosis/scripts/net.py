@@ -233,6 +233,11 @@ class ProgSwinUNETR(nn.Module):
         per = self.n_regions // self.image_channels
         return inputs[:, [r // per for r in range(self.n_regions)]].flatten(2)
 
+    def final_weight(self) -> torch.Tensor:
+        """The weight of the head's last linear map (``classifier``, or ``swin.out`` for Eq. 6):
+        what a ridge penalty on the scores regularises."""
+        return self.swin.out.conv.conv.weight if self.classifier is None else self.classifier.weight
+
     def head_modules(self) -> list[nn.Module]:
         """The modules of the head: ``swin.out`` (and ``classifier``)."""
         return [self.swin.out] + ([] if self.classifier is None else [self.classifier])

@@ -103,8 +103,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
     curve: every ``log_interval`` steps the mean training loss since the last row, the accuracy
     on all cached training items and, when validation features are given, their macro AUC and
     accuracy. ``inputs`` / ``val_inputs``: the cached network input (region-pooling head).
-    ``l2``: a penalty ``l2 * sum(weight ** 2)`` on the classifier's weights (region pooling and
-    hidden-layer heads) added to the loss: a logistic regression's ridge penalty. AdamW's decoupled
+    ``l2``: a penalty ``l2 * sum(weight ** 2)`` on the weights of the head's last linear map
+    (``ProgSwinUNETR.final_weight``) added to the loss: a logistic regression's ridge penalty. AdamW's decoupled
     weight decay is scaled by the learning rate and barely regularises; on a few hundred patients
     and tens of pooled inputs the head then fits the random features' noise.
     """
@@ -121,8 +121,8 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
         idx = torch.multinomial(weights, min(int(batch_size), len(labels)), replacement=True, generator=gen)
         logits = _head(net, features, inputs, idx, device)
         loss = loss_fn(logits, labels[idx].to(device))
-        if l2 and net.classifier is not None:
-            loss = loss + float(l2) * net.classifier.weight.pow(2).sum()
+        if l2:
+            loss = loss + float(l2) * net.final_weight().pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
