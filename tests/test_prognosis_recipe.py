@@ -324,26 +324,63 @@ def test_region_pooling_has_no_dense_map():
         net.head(torch.zeros(1, 12, 8, 8, 8))
 
 
-def test_window_size_is_a_network_option(tmp_path):
-    """window_size 4 (the CPU recipe's) builds and runs at 64^3; a window-7 segmentation
-    checkpoint does not fit it, and the error names the attention tables' shapes."""
+def test_segmentation_checkpoint_initialises_the_region_pooling_head(tmp_path):
+    """The CPU recipe's network (regions_images, window 4) from a window-7 segmentation
+    checkpoint: the backbone is copied, the classifier and the pooled vector's scaler keep their
+    new initialisation (the scaler is fitted later, by the warm-up)."""
     import torch
 
     _bundle_on_path()
-    from scripts.checkpoints import CheckpointMismatchError, load_pretrained
+    from scripts.checkpoints import load_pretrained
+    from scripts.net import ProgSwinUNETR
+
+    torch.manual_seed(5)
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), window_size=4, head_hidden=2,
+                        pooling="regions_images")
+    fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("swin.out.", "classifier.", "pooled_"))}
+    seg = _seg_network()
+    path = tmp_path / "seg_w7.pt"
+    torch.save(seg.state_dict(), path)
+    assert load_pretrained(net, str(path)) == "segmentation"
+    state = net.state_dict()
+    assert {"pooled_mean", "pooled_scale", "classifier.weight"} <= set(fresh)
+    for k, v in fresh.items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(state["swin.decoder1.conv_block.conv1.conv.weight"],
+                       seg.state_dict()["decoder1.conv_block.conv1.conv.weight"])
+
+
+def test_window_size_is_a_network_option(tmp_path):
+    """window_size 4 (the CPU recipe's) builds and runs at 64^3; a window-7 segmentation
+    checkpoint initialises it: every bias table resampled from 13^3 to 7^3 offsets (the centre
+    offset and the corners keep their learned values exactly), the window-4 index kept."""
+    import torch
+
+    _bundle_on_path()
+    from scripts.checkpoints import load_pretrained, resize_bias_table
     from scripts.net import ProgSwinUNETR
 
     net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), window_size=4).eval()
-    table = net.swin.swinViT.layers1[0].blocks[0].attn.relative_position_bias_table
-    assert table.shape == (7 ** 3, 3)  # (2 x 4 - 1)^3 relative positions, 3 heads
+    attn = net.swin.swinViT.layers1[0].blocks[0].attn
+    assert attn.relative_position_bias_table.shape == (7 ** 3, 3)  # (2 x 4 - 1)^3 relative positions, 3 heads
+    own_index = attn.relative_position_index.clone()
     with torch.no_grad():
         out = net(torch.randn(1, 9, 64, 64, 64))
     assert out.shape == (1, 4) and torch.isfinite(out).all()
+    seg = _seg_network()
+    src = seg.state_dict()["swinViT.layers1.0.blocks.0.attn.relative_position_bias_table"]
+    assert src.shape == (13 ** 3, 3)
     path = tmp_path / "seg_w7.pt"
-    torch.save(_seg_network().state_dict(), path)
-    with pytest.raises(CheckpointMismatchError,
-                       match=r"relative_position_bias_table: checkpoint \(2197, 3\) vs network \(343, 3\)"):
-        load_pretrained(net, str(path))
+    torch.save(seg.state_dict(), path)
+    assert load_pretrained(net, str(path)) == "segmentation"
+    got = attn.relative_position_bias_table.detach()
+    assert torch.allclose(got, resize_bias_table(src, 7))
+    grid_src, grid_got = src.T.reshape(3, 13, 13, 13), got.T.reshape(3, 7, 7, 7)
+    assert torch.allclose(grid_got[:, 3, 3, 3], grid_src[:, 6, 6, 6])  # zero offset
+    assert torch.allclose(grid_got[:, 0, 0, 0], grid_src[:, 0, 0, 0]) and torch.allclose(grid_got[:, 6, 6, 6], grid_src[:, 12, 12, 12])
+    assert torch.equal(attn.relative_position_index, own_index)
+    # a constant table stays constant: interpolation adds no structure of its own
+    assert torch.allclose(resize_bias_table(torch.full((13 ** 3, 2), 0.5), 7), torch.full((343, 2), 0.5))
 
 
 def test_pretrained_mismatch_names_both_shapes(tmp_path):

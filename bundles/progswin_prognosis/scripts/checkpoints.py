@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 INPUT_LAYERS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight", "encoder1.layer.conv3.conv.weight")
 #: the output layer (3 segmentation classes -> 4 risk classes) is not copied: newly initialised
 OUTPUT_PREFIX = "out."
-#: ProgSwin-UNETR's head keys (Eq. 6 ``swin.out``; the hidden-layer variant adds ``classifier``)
-HEAD_PREFIXES = ("swin." + OUTPUT_PREFIX, "classifier.")
+#: Swin attention's learned relative position bias, ((2w - 1)^3, heads) for a window of w voxels
+BIAS_TABLE = "relative_position_bias_table"
+#: its index buffer, (w^3, w^3): fixed by the window size, never learned, so never copied
+BIAS_INDEX = "relative_position_index"
+#: ProgSwin-UNETR's head keys (Eq. 6 ``swin.out``; the hidden-layer and region-pooling variants add
+#: ``classifier``, region pooling also its pooled vector's scaler ``pooled_mean``/``pooled_scale``)
+HEAD_PREFIXES = ("swin." + OUTPUT_PREFIX, "classifier.", "pooled_")
 
 
 class CheckpointMismatchError(ValueError):
@@ -85,6 +90,22 @@ def checkpoint_kind(state: dict) -> str:
         f"first keys: {list(state)[:3]}")
 
 
+def resize_bias_table(table: torch.Tensor, side: int) -> torch.Tensor:
+    """A Swin relative position bias table ((2w - 1)^3, heads) resampled to ``side`` = 2w' - 1
+    per axis, trilinear with the corners kept: the table is a smooth function of the 3-D offset
+    between two tokens, and the Swin Transformer's authors fine-tune at a new window size by
+    interpolating it the same way (bicubic, in 2-D). Offsets present in both windows keep
+    nearly their learned bias."""
+    n, heads = table.shape
+    old = round(n ** (1 / 3))
+    if old ** 3 != n:
+        raise CheckpointMismatchError(f"relative position bias table of shape {tuple(table.shape)} is not "
+                                      f"((2w - 1)^3, heads)")
+    grid = table.detach().float().T.reshape(1, heads, old, old, old)
+    resized = torch.nn.functional.interpolate(grid, size=(side,) * 3, mode="trilinear", align_corners=True)
+    return resized.reshape(heads, side ** 3).T.to(table.dtype)
+
+
 def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 3) -> tuple[dict, list[str]]:
     """ProgSwin-UNETR tensors from an hcc_liver_seg SwinUNETR state dict.
 
@@ -97,7 +118,10 @@ def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 
       warm-up, whose backbone does not move);
     - the output layer (``out.*``: 3 segmentation classes) is left out: the 4-class head
       (``swin.out``, and ``classifier`` in the hidden-layer variant) keeps its own new
-      initialisation.
+      initialisation;
+    - a segmentation network with another Swin window (hcc_liver_seg's 7 for the CPU recipe's
+      4): each attention's bias table is resampled by :func:`resize_bias_table`, and the
+      network keeps its own relative position index (a function of the window, not learned).
 
     Returns (state to load with strict=False, the keys left at their initialisation). A shape
     that differs for any other reason (feature_size, depths, heads) is an error naming the key
@@ -118,11 +142,16 @@ def map_segmentation_state(seg_state: dict, target_state: dict, n_images: int = 
             widened = target_state[target_key].detach().clone().to(value.dtype)
             widened[:, :n_images] = value / n_images
             value = widened
+        if value.shape != want and key.endswith(BIAS_INDEX):
+            continue  # the target's own index, listed as kept at initialisation
+        if value.shape != want and key.endswith(BIAS_TABLE) and value.shape[1] == want[1]:
+            value = resize_bias_table(value, round(want[0] ** (1 / 3)))
         if value.shape != want:
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(want)}")
             continue
         mapped[target_key] = value
-    missing = [k for k in target_state if k not in mapped and not k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in target_state if k not in mapped and not k.startswith(HEAD_PREFIXES)
+               and not (k.endswith(BIAS_INDEX) and k[len("swin."):] in seg_state)]
     problems += [f"{k} {tuple(target_state[k].shape)}: not in the checkpoint" for k in missing]
     if problems:
         raise CheckpointMismatchError(_mismatch_message("segmentation", seg_state, target_state, problems))
