@@ -342,7 +342,7 @@ def burden_cli(cohort: str, out: str, masks: str | None = None, clinical: str | 
             warnings.simplefilter("ignore", metrics.AbsentClassWarning)
             res = metrics.evaluate(y, p, n_boot=n_boot, seed=seed)
             per_class = metrics.metrics_table(y, p, result=res)
-        conf = metrics.confusion(y, oof["pred_class"]).reset_index()
+        conf = metrics.confusion(y, oof["pred_class"])
         comparison = _compare_with_dl(oof, dl, n_boot, seed) if dl is not None else None
     except (ValueError, FileNotFoundError) as exc:
         # one clear line and nothing written, instead of a traceback

@@ -2,6 +2,7 @@
 
 Each writer creates a temporary file in the destination folder and renames it over the target,
 so a run interrupted at any point leaves either the old file or the new one, never half of one.
+Every writer takes the destination path first (the bundles' scripts/io.py do the same).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def write_csv(path: str | os.PathLike, frame, index: bool = False, **kwargs) -> 
     return Path(path)
 
 
-def save_figure(fig, path: str | os.PathLike, data=None, dpi: int = 150, close: bool = True) -> Path:
+def save_figure(path: str | os.PathLike, fig, data=None, dpi: int = 150, close: bool = True) -> Path:
     """Save a matplotlib figure as PNG and, when ``data`` (a DataFrame) is given, the data behind it.
 
     The data goes to ``tables/<stem>.csv`` when the PNG lives in a ``figures/`` folder (the study

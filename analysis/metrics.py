@@ -91,11 +91,13 @@ def accuracy(y_true, y_prob) -> float:
 
 
 def confusion(y_true, y_pred, n_classes: int = NUM_CLASSES) -> pd.DataFrame:
-    """Confusion matrix, rows = true class, columns = predicted class, every class listed."""
+    """Confusion matrix, rows = true class (column ``true_class``), columns ``pred_<k>`` =
+    predicted class, every class listed; the bundle's confusion.csv has the same layout."""
     labels = list(range(n_classes))
     cm = _sk_confusion_matrix(np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int), labels=labels)
-    return pd.DataFrame(cm, index=pd.Index(labels, name="true_class"),
-                        columns=[f"pred_{k}" for k in labels])
+    frame = pd.DataFrame(cm, columns=[f"pred_{k}" for k in labels])
+    frame.insert(0, "true_class", labels)
+    return frame
 
 
 def sensitivity_specificity(y_true, y_pred, n_classes: int = NUM_CLASSES) -> pd.DataFrame:
@@ -103,7 +105,7 @@ def sensitivity_specificity(y_true, y_pred, n_classes: int = NUM_CLASSES) -> pd.
 
     NaN where the denominator is zero (no positive, or no negative, sample of the class).
     """
-    cm = confusion(y_true, y_pred, n_classes).to_numpy()
+    cm = confusion(y_true, y_pred, n_classes).drop(columns="true_class").to_numpy()
     rows = []
     total = cm.sum()
     for k in range(n_classes):

@@ -479,7 +479,7 @@ def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
     fig.suptitle(title)
     fig.tight_layout()
     data = pd.DataFrame(rows, columns=["model", "class", "fpr", "tpr", "auc"])
-    save_figure(fig, path, data=data)
+    save_figure(path, fig, data=data)
     return data
 
 
@@ -509,7 +509,7 @@ def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
     ax.set_zlabel(f"PC3 ({var[2]:.0%})")
     ax.set_title(f"PCA of the {X.shape[1]} selected radiomic features")
     ax.legend(fontsize=8)
-    save_figure(fig, path, data=data)
+    save_figure(path, fig, data=data)
     return data
 
 
@@ -537,7 +537,7 @@ def plot_confusion(conf: pd.DataFrame, path, title: str) -> pd.DataFrame:
         ax.set_title(DISPLAY_NAMES.get(name, name), fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path, data=conf)
+    save_figure(path, fig, data=conf)
     return conf
 
 
@@ -571,7 +571,7 @@ def plot_correlation(X: pd.DataFrame, path, max_features: int = MAX_HEATMAP_FEAT
     ax.set_title(f"Correlation of LASSO-selected features{more}")
     fig.tight_layout()
     data = corr.reset_index(names="feature")
-    save_figure(fig, path, data=data)
+    save_figure(path, fig, data=data)
     return data
 
 
@@ -633,7 +633,7 @@ def evaluate_models(features, clinical, design: str = "both", models=MODEL_NAMES
         for m, pr in preds.items():
             summaries[d][m], table = _evaluate(m, pr, n_boot, seed, d)
             metric_tables.append(table)
-            cm = metrics.confusion(pr["label"], pr["pred_class"]).reset_index()
+            cm = metrics.confusion(pr["label"], pr["pred_class"])
             cm.insert(0, "model", m)
             cm.insert(0, "design", d)
             conf_rows.append(cm)

@@ -522,6 +522,6 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
     write_csv(out, table)
     if figure and len(table):
         fig, data = waterfall_figure(table)
-        save_figure(fig, Path(out).parent / "figures" / "waterfall.png", data=data)
+        save_figure(Path(out).parent / "figures" / "waterfall.png", fig, data=data)
     counts = table["best_response"].value_counts().reindex([*RESPONSES, "NA"], fill_value=0)
     return f"{out}: " + ", ".join(f"{r} {n}" for r, n in counts.items())

@@ -416,14 +416,14 @@ def write_nomogram(result: NomogramResult, out: str | Path) -> None:
     nomo, horizon = result.nomogram, result.summary["horizon_months"]
     h = _fmt(horizon)
     fig, data = plot_nomogram(nomo)
-    save_figure(fig, out / "figures" / "nomogram.png", data=data)
+    save_figure(out / "figures" / "nomogram.png", fig, data=data)
     write_csv(out / "tables" / "nomogram_patients.csv", result.patients)
     write_csv(out / "tables" / "nomogram_cox_summary.csv", nomo.cox.summary)
     write_csv(out / "tables" / "nomogram_points.csv", nomo.scales)
     if result.calibration is not None:
-        save_figure(plot_calibration(result.calibration, horizon), out / "figures" / f"calibration_{h}m.png",
+        save_figure(out / "figures" / f"calibration_{h}m.png", plot_calibration(result.calibration, horizon),
                     data=result.calibration)
-    save_figure(plot_decision_curve(result.decision_curve, horizon), out / "figures" / f"decision_curve_{h}m.png",
+    save_figure(out / "figures" / f"decision_curve_{h}m.png", plot_decision_curve(result.decision_curve, horizon),
                 data=result.decision_curve)
     write_json(out / "summary.json", result.summary)
 

@@ -400,7 +400,7 @@ def _prognosis_shared(ctx: StudyContext, staging: Path, bar) -> dict:
     io.write_json(staging / "evaluation" / "metrics.json", metrics)
     table = calibration_table(y, probs)
     ax = calibration_plot(table)
-    io.save_figure(ax.figure, staging / "evaluation" / "calibration.png", data=table)
+    io.save_figure(staging / "evaluation" / "calibration.png", ax.figure, data=table)
     return {"macro_auc": metrics.get("macro_auc"), "accuracy": metrics.get("accuracy"), "trained": False}
 
 
@@ -476,7 +476,7 @@ def _mrecist(ctx: StudyContext, staging: Path, bar) -> dict:
     frame = mrecist_from_masks(ctx.cohort, ctx.path("masks"))
     io.write_csv(staging / "mrecist.csv", frame)
     fig, data = waterfall_figure(frame)
-    io.save_figure(fig, staging / "figures" / "waterfall.png", data=data)
+    io.save_figure(staging / "figures" / "waterfall.png", fig, data=data)
     bar.update(1)
     return {k: int(v) for k, v in frame["best_response"].fillna("NA").value_counts().items()}
 

@@ -390,12 +390,12 @@ def write_km(grid: KMGrid, out: str | Path, marker_months: float | None = MARKER
 
     out = Path(out)
     cur = grid.curves
-    save_figure(grid.figure, out / "figures" / "km_grid.png", data=cur)
+    save_figure(out / "figures" / "km_grid.png", grid.figure, data=cur)
     for (method, sub), res in (grid.results.items() if panels else ()):
         f, ax = plt.subplots(figsize=(6, 5))
         plot_km(res, ax, title=f"{method} - {sub} (n={res.logrank['n']})", marker_months=marker_months)
         f.tight_layout()
-        save_figure(f, out / "figures" / f"km_{_slug(method)}_{_slug(sub)}.png",
+        save_figure(out / "figures" / f"km_{_slug(method)}_{_slug(sub)}.png", f,
                     data=cur[(cur["method"] == method) & (cur["subgroup"] == sub)])
     write_csv(out / "tables" / "logrank.csv", grid.logrank)
     write_csv(out / "tables" / "median_os.csv", grid.medians)
@@ -896,10 +896,10 @@ def write_cox_outputs(result: CoxResult, out: str | Path) -> dict:
     out = Path(out)
     write_csv(out / "tables" / "cox_summary.csv", result.summary)
     fig, data = plot_forest(result)
-    save_figure(fig, out / "figures" / "cox_forest.png", data=data)
+    save_figure(out / "figures" / "cox_forest.png", fig, data=data)
     write_csv(out / "tables" / "ph_test.csv", result.ph_test)
     fig, data = plot_schoenfeld(result)
-    save_figure(fig, out / "figures" / "schoenfeld.png", data=data)
+    save_figure(out / "figures" / "schoenfeld.png", fig, data=data)
     write_csv(out / "tables" / "excluded.csv", result.excluded)
     summary = {"concordance": result.concordance, "cv_concordance": result.cv_concordance,
                "n": len(result.design), "events": int(result.design[result.event].sum()), "converged": True,

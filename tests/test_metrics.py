@@ -109,7 +109,8 @@ def test_sensitivity_specificity_and_confusion_by_hand():
     y = [0, 0, 1, 2, 3, 3]
     pred = [0, 1, 1, 2, 3, 0]
     cm = metrics.confusion(y, pred)
-    assert cm.to_numpy().tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+    assert cm["true_class"].tolist() == [0, 1, 2, 3]
+    assert cm.drop(columns="true_class").to_numpy().tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
     ss = metrics.sensitivity_specificity(y, pred)
     # class 0: TP 1, FN 1, FP 1 (a class-3 patient), TN 3 -> sens 0.5, spec 0.75
     assert ss.loc[0, "sensitivity"] == 0.5 and ss.loc[0, "specificity"] == 0.75

@@ -20,7 +20,7 @@ from analysis.report import PARTS, build_report, headline_table, report_cli
 def _figure(path, data):
     fig, ax = plt.subplots(figsize=(2, 2))
     ax.plot(data.iloc[:, 0], data.iloc[:, 1])
-    save_figure(fig, path, data=data, dpi=30)
+    save_figure(path, fig, data=data, dpi=30)
 
 
 @pytest.fixture()

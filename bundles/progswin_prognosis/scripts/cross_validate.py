@@ -121,7 +121,7 @@ def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: i
     oof = pd.concat(frames, ignore_index=True)
     _check_oof(oof, datalist, int(folds))
     oof = oof.sort_values("patient_id").reset_index(drop=True)
-    write_csv(oof, os.path.join(output_dir, "oof_predictions.csv"))
+    write_csv(os.path.join(output_dir, "oof_predictions.csv"), oof)
     metrics = write_evaluation(oof, os.path.join(output_dir, "evaluation"))
     log.info("out-of-fold: n=%d macro AUC %s accuracy %.3f", metrics["n"], metrics["macro_auc"], metrics["accuracy"])
     return oof

@@ -86,7 +86,7 @@ def explain(cam, network: torch.nn.Module, dataset, output_dir: str, device, ckp
         for c, tp in enumerate(TIMEPOINTS):
             ref = item.get(f"image_{tp}")
             affine = ref.affine if hasattr(ref, "affine") else getattr(item["image"], "affine", np.eye(4))
-            save_nifti(heat, np.asarray(affine), os.path.join(out, f"heatmap_{tp}.nii.gz"))
+            save_nifti(os.path.join(out, f"heatmap_{tp}.nii.gz"), heat, np.asarray(affine))
         # the axial slice where the heatmap inside the masked region is largest (outside the
         # mask the input is 0 and the map carries no information)
         inside = np.any(image != 0, axis=0)
@@ -96,7 +96,7 @@ def explain(cam, network: torch.nn.Module, dataset, output_dir: str, device, ckp
                      "heat_mean": float(heat.mean()), "heat_max": float(heat.max())})
         log.info("Grad-CAM++: %s class %d (p=%.2f) -> %s", pid, target, float(prob[target]), out)
     if rows:
-        write_csv(pd.DataFrame(rows), os.path.join(output_dir, "gradcam_summary.csv"))
+        write_csv(os.path.join(output_dir, "gradcam_summary.csv"), pd.DataFrame(rows))
     return rows
 
 
@@ -125,4 +125,4 @@ def _montage(image: np.ndarray, heat: np.ndarray, z: int, pid: str, target: int,
     axes[0, 0].set_title("masked image")
     axes[0, 1].set_title("Grad-CAM++")
     fig.suptitle(f"{pid}: class {target} (p={float(prob[target]):.2f})")
-    save_figure(fig, path, data=pd.DataFrame(data))
+    save_figure(path, fig, data=pd.DataFrame(data))

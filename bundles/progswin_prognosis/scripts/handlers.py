@@ -62,7 +62,7 @@ class PredictionWriter:
             raise ValueError(f"patient(s) {dup} predicted more than once: the dataset lists them twice")
         frame = frame.sort_values("patient_id").reset_index(drop=True)
         frame["label"] = frame["label"].astype("Int64")
-        write_csv(frame, self.output_file)
+        write_csv(self.output_file, frame)
         log.info("wrote %d prediction(s) to %s", len(frame), self.output_file)
 
 
@@ -122,4 +122,4 @@ class LearningCurve:
         ax2.set(ylim=(0, 1.02), ylabel="accuracy / AUC")
         fig.legend(loc="lower left", fontsize=8)
         os.makedirs(os.path.dirname(self.output_file) or ".", exist_ok=True)
-        save_figure(fig, self.output_file, curve)
+        save_figure(self.output_file, fig, curve)

@@ -1,4 +1,7 @@
-"""Atomic file writes (temp file in the same folder, then rename): no half-written outputs."""
+"""Atomic file writes (temp file in the same folder, then rename): no half-written outputs.
+
+Every helper takes the destination path first, as ``analysis.io`` does.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(obj: Any, path: str) -> str:
+def write_json(path: str, obj: Any) -> str:
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(_clean(obj), f, indent=2, allow_nan=False)
@@ -46,22 +49,22 @@ def write_json(obj: Any, path: str) -> str:
     return _atomic(path, w)
 
 
-def write_csv(frame, path: str) -> str:
+def write_csv(path: str, frame) -> str:
     return _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def save_figure(fig, path: str, data=None) -> str:
+def save_figure(path: str, fig, data=None) -> str:
     """PNG of ``fig`` and, when given, the CSV of the data behind it (same stem)."""
     import matplotlib.pyplot as plt
 
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     plt.close(fig)
     if data is not None:
-        write_csv(data, os.path.splitext(path)[0] + ".csv")
+        write_csv(os.path.splitext(path)[0] + ".csv", data)
     return path
 
 
-def save_nifti(array, affine, path: str) -> str:
+def save_nifti(path: str, array, affine) -> str:
     import nibabel as nib
     import numpy as np
 

@@ -186,11 +186,11 @@ def write_evaluation(predictions: str | pd.DataFrame, out_dir: str, n_boot: int 
     metrics["sensitivity"] = {str(r["class"]): r["sensitivity"] for r in per_class.to_dict("records")}
     metrics["specificity"] = {str(r["class"]): r["specificity"] for r in per_class.to_dict("records")}
     os.makedirs(out_dir, exist_ok=True)
-    write_csv(per_class, os.path.join(out_dir, "per_class.csv"))
-    write_csv(confusion(y, pred), os.path.join(out_dir, "confusion.csv"))
+    write_csv(os.path.join(out_dir, "per_class.csv"), per_class)
+    write_csv(os.path.join(out_dir, "confusion.csv"), confusion(y, pred))
     fig, roc = _roc_figure(y, p, metrics)
-    save_figure(fig, os.path.join(out_dir, "roc.png"), data=roc)
-    write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    save_figure(os.path.join(out_dir, "roc.png"), fig, data=roc)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 

@@ -226,4 +226,4 @@ class HeadWarmup:
         ax2.set(ylim=(0, 1.02), ylabel="accuracy / AUC")
         fig.legend(loc="lower left", fontsize=8)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        save_figure(fig, path, curve)
+        save_figure(path, fig, curve)
