@@ -48,9 +48,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hcc-tace-bundle-manifest/1"
 #: what an exported bundle carries besides its weights (``models/`` is written by the export)
 BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
-#: the id that holds the inference weights' path (the two bundles name it differently until
-#: their vocabulary is unified)
-WEIGHT_IDS = ("load_path", "ckpt_path")
+#: the id that holds the inference weights' path, in both bundles' inference.json
+WEIGHT_ID = "ckpt_path"
 #: refuse archives whose members would unpack to more than this (a zip bomb)
 MAX_UNPACKED_BYTES = 8 << 30
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -144,9 +143,9 @@ def _weights_and_sizes(bundle: Path, overlay: Path | None, weights: str | None) 
         if not c.is_file():
             raise BundleExportError(f"{c}: missing")
     parser = _parser(bundle, configs)
-    weight_id = next((k for k in WEIGHT_IDS if k in parser.get()), None)
-    if weight_id is None:
-        raise BundleExportError(f"{configs[0]}: none of the ids {WEIGHT_IDS} names the inference weights")
+    weight_id = WEIGHT_ID
+    if weight_id not in parser.get():
+        raise BundleExportError(f"{configs[0]}: no id {WEIGHT_ID!r} names the inference weights")
     if weights is None:
         if overlay is not None and weight_id in json.loads(overlay.read_text(encoding="utf-8")):
             weights = parser.get_parsed_content(weight_id)

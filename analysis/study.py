@@ -65,6 +65,24 @@ PROFILES: dict[str, dict] = {
     },
 }
 
+#: the bundle id each network setting of a profile sets, per bundle: the one table that maps the
+#: study's settings onto the bundles' configs (the settings not here are the study's own: cohort,
+#: folds, statistics); values become what the id expects (a cube side -> [side] * 3, a device name
+#: -> a torch.device expression)
+BUNDLE_IDS: dict[str, dict[str, str]] = {
+    "hcc_liver_seg": {
+        "feature_size": "feature_size", "seg_roi": "roi_size", "seg_epochs": "max_epochs",
+        "seg_spacing_mm": "target_spacing", "seg_num_samples": "num_samples", "seg_val_interval": "val_interval",
+        "grad_checkpointing": "use_checkpoint", "sw_batch_size": "sw_batch_size", "num_workers": "num_workers",
+        "device": "device",
+    },
+    "progswin_prognosis": {
+        "feature_size": "feature_size", "net_size": "spatial_size", "prog_epochs": "max_epochs",
+        "grad_checkpointing": "network_def#use_checkpoint", "num_workers": "num_workers", "device": "device",
+    },
+}
+_CUBES = ("seg_roi", "net_size")
+
 WEIGHTS_MODES = ("train", "shared")
 #: experiment tracking of the bundles' training runs (monai.bundle run --tracking)
 TRACKING_MODES = ("none", "mlflow")
@@ -144,9 +162,51 @@ def bundle_code(bundle: Path, with_models: bool = False) -> list[Path]:
     return [bundle / "configs", bundle / "scripts"] + ([bundle / "models"] if with_models else [])
 
 
+#: log lines of a bundle run that mark progress: a finished training epoch (ignite's trainer), a
+#: segmented scan (hcc_liver_seg's "[k/N] <scan>" lines)
+_EPOCH_DONE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
+_SCAN_DONE = re.compile(r" - INFO - \[(\d+)/(\d+)\] ")
+
+
+class BundleProgress:
+    """A progress bar of one bundle run, fed its log lines: per training epoch (``epochs`` x
+    ``runs`` in all, e.g. 4 folds of 2 epochs), or per scan for inference, whose total the log
+    itself gives. ``bar`` is the stage's bar (None: no progress shown)."""
+
+    def __init__(self, bar, label: str, epochs: int | None = None, runs: int = 1) -> None:
+        self.bar = None
+        if bar is not None and not getattr(bar, "disable", False):
+            from tqdm.auto import tqdm
+
+            total = int(epochs) * int(runs) if epochs else None
+            self.bar = tqdm(total=total, desc=f"    {label}", unit="epoch" if epochs else "scan", position=2,
+                            leave=False)
+        self.count = 0
+
+    def feed(self, line: str) -> None:
+        if self.bar is None:
+            return
+        if _EPOCH_DONE.search(line):
+            self.count += 1
+            self.bar.update(1)
+        elif (m := _SCAN_DONE.search(line)) is not None:
+            done, total = int(m.group(1)), int(m.group(2))
+            if self.bar.total != total:
+                self.bar.reset(total=total)
+                self.bar.update(done)
+            else:
+                self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path, bar=None,
                module: str = "monai.bundle", verb: str = "run") -> None:
-    """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to ``log_file``."""
+    """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to
+    ``log_file``, and, when ``bar`` is given, a progress bar per training epoch or segmented scan
+    read from that output as it comes (:class:`BundleProgress`)."""
     config_files = [str(bundle / "configs" / c) for c in configs]
     cmd = [sys.executable, "-m", module] + ([verb] if verb else [])
     if module == "monai.bundle":
@@ -157,16 +217,29 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(bundle), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"  # log lines as they happen, for the progress bar
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log.info("running %s", " ".join(cmd))
-    with open(log_file, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(bundle.parent))
-    if proc.returncode != 0:
+    training = module != "monai.bundle" or ("train.json" in configs and "evaluate.json" not in configs)
+    progress = BundleProgress(bar, f"{bundle.name} {' '.join(configs) or module}",
+                              epochs=overrides.get("max_epochs") if training else None,
+                              runs=int(overrides.get("folds", 1)))
+    try:
+        with open(log_file, "a") as fh:
+            fh.write("$ " + " ".join(cmd) + "\n")
+            fh.flush()
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(bundle.parent),
+                                  text=True, errors="replace") as proc:
+                for line in proc.stdout:
+                    fh.write(line)
+                    progress.feed(line)
+            returncode = proc.returncode
+    finally:
+        progress.close()
+    if returncode != 0:
         with open(log_file) as fh:
             tail = "".join(fh.readlines()[-25:])
-        raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {proc.returncode}; "
+        raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {returncode}; "
                            f"log {log_file}; last lines:\n{tail}")
     if bar is not None:
         bar.update(1)
@@ -248,10 +321,7 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
     overrides = {
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
         "ckpt_dir": str(models), "output_dir": str(staging / "eval"),
-        "max_epochs": s["seg_epochs"], "feature_size": s["feature_size"], "roi_size": [s["seg_roi"]] * 3,
-        "device": _device(s), "num_samples": s["seg_num_samples"], "val_interval": s["seg_val_interval"],
-        "use_checkpoint": s["grad_checkpointing"], "num_workers": s["num_workers"],
-        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"], **_tracking(s),
+        **bundle_overrides(s, "hcc_liver_seg", BUNDLE_IDS["hcc_liver_seg"]), **_tracking(s),
     }
     bar.reset(total=2)
     run_bundle(ctx.seg_bundle, ["train.json"], overrides, staging / "train.log", bar)
@@ -262,6 +332,16 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
+def bundle_overrides(settings: dict, bundle: str, keys) -> dict:
+    """The bundle's ids for the study settings ``keys``, through :data:`BUNDLE_IDS`."""
+    ids = BUNDLE_IDS[bundle]
+    out = {}
+    for key in keys:
+        value = settings[key]
+        out[ids[key]] = _device(settings) if key == "device" else [value] * 3 if key in _CUBES else value
+    return out
 
 
 def _tracking(settings: dict) -> dict:
@@ -287,8 +367,8 @@ def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
     if ctx.shared:
         overrides = {
             "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
-            "output_dir": str(staging), "data_root_dir": str(ctx.cohort / "images"), "device": _device(s),
-            "num_workers": s["num_workers"],
+            "output_dir": str(staging), "data_root_dir": str(ctx.cohort / "images"),
+            **bundle_overrides(s, "hcc_liver_seg", ("device", "num_workers")),
         }
         bar.reset(total=1)
         run_bundle(ctx.seg_bundle, ["inference.json", s["weights_overlay"]], overrides, staging / "inference.log", bar)
@@ -297,9 +377,9 @@ def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
     overrides = {
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "segmentation.json")),
         "ckpt_dir": str(ctx.path("segmentation", "models")), "output_dir": str(staging),
-        "data_root_dir": str(ctx.cohort / "images"), "feature_size": s["feature_size"],
-        "roi_size": [s["seg_roi"]] * 3, "device": _device(s), "num_workers": s["num_workers"],
-        "sw_batch_size": s["sw_batch_size"], "target_spacing": s["seg_spacing_mm"],
+        "data_root_dir": str(ctx.cohort / "images"),
+        **bundle_overrides(s, "hcc_liver_seg", ("feature_size", "seg_roi", "device", "num_workers", "sw_batch_size",
+                                                "seg_spacing_mm")),
     }
     bar.reset(total=1)
     run_bundle(ctx.seg_bundle, ["inference.json"], overrides, staging / "inference.log", bar)
@@ -354,10 +434,7 @@ def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
     if ctx.shared:
         return _prognosis_shared(ctx, staging, bar)
     s = ctx.settings
-    overrides = {
-        "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "max_epochs": s["prog_epochs"],
-        "device": _device(s), "num_workers": s["num_workers"],
-    }
+    overrides = bundle_overrides(s, "progswin_prognosis", BUNDLE_IDS["progswin_prognosis"])
     cmd_overrides = {"bundle_root": str(ctx.prog_bundle), "dataset_dir": str(ctx.cohort),
                      "datalist": str(ctx.path("datalists", "prognosis.json")), "output_dir": str(staging),
                      "folds": s["folds"], **overrides, **_tracking(s)}
@@ -384,7 +461,7 @@ def _prognosis_shared(ctx: StudyContext, staging: Path, bar) -> dict:
     run_bundle(ctx.prog_bundle, ["inference.json", s["weights_overlay"]],
                {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
                 "output_dir": str(staging / "inference"), "infer_sections": ["training", "unlabelled"],
-                "device": _device(s), "num_workers": s["num_workers"]}, staging / "inference.log", bar)
+                **bundle_overrides(s, "progswin_prognosis", ("device", "num_workers"))}, staging / "inference.log", bar)
     frame = pd.read_csv(staging / "inference" / "predictions.csv", dtype={"patient_id": str})
     labelled = frame[frame["label"].notna() & (frame["label"] >= 0)].copy()
     labelled["label"] = labelled["label"].astype(int)
@@ -433,14 +510,15 @@ def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
         bar.reset(total=1)
         run_bundle(ctx.prog_bundle, ["gradcam.json", s["weights_overlay"]],
                    {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
-                    "output_dir": str(staging), "predictions": str(ctx.dl_predictions), "device": _device(s)},
+                    "output_dir": str(staging), "predictions": str(ctx.dl_predictions),
+                    **bundle_overrides(s, "progswin_prognosis", ("device",))},
                    staging / "gradcam.log", bar)
         return {"montages": len(list(staging.rglob("*.png")))}
     overrides = {
         "dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
         "ckpt_dir": str(ctx.path("prognosis", "models")), "output_dir": str(staging),
         "predictions": str(ctx.dl_predictions),
-        "feature_size": s["feature_size"], "spatial_size": [s["net_size"]] * 3, "device": _device(s),
+        **bundle_overrides(s, "progswin_prognosis", ("feature_size", "net_size", "device")),
     }
     bar.reset(total=1)
     run_bundle(ctx.prog_bundle, ["gradcam.json"], overrides, staging / "gradcam.log", bar)

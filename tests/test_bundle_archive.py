@@ -123,7 +123,7 @@ def test_export_layout_manifest_and_trace(exported, tmp_path):
         # the weights travel byte for byte: the same sha256 as the repository's large_files.yml entry
         assert manifest["files"]["models/model.pt"]["sha256"] == _sha(PROG / "models" / "synthetic_fs12.pt")
         overlay = json.loads(z.read("progswin_prognosis/configs/synthetic_weights.json"))
-        assert overlay["load_path"] == "$@bundle_root + '/models/model.pt'" and overlay["feature_size"] == 12
+        assert overlay["ckpt_path"] == "$@bundle_root + '/models/model.pt'" and overlay["feature_size"] == 12
         z.extract("progswin_prognosis/models/model.ts", tmp_path)
     assert manifest["feature_size"] == 12 and manifest["traced_input_shape"] == [1, 9, 64, 64, 64]
     # the traced module computes what the eager network with the same weights computes

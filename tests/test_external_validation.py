@@ -175,3 +175,71 @@ def test_tracking_flag_refuses_an_unknown_tracker(tmp_path):
                            "wandb", "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--tracking 'wandb': expected one of none, mlflow" in proc.stderr
     assert not (tmp_path / "o" / "validation").exists()
+
+
+def test_profile_settings_reach_the_bundle_ids_of_one_table(tmp_path, monkeypatch):
+    """study.BUNDLE_IDS is the one map from profile settings to bundle ids: every id it names
+    exists in that bundle's configs, and the training runs get each setting under its id."""
+    from analysis import study
+
+    for bundle, ids in study.BUNDLE_IDS.items():
+        roots = set()
+        for name in ("train.json", "inference.json"):
+            config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
+            roots |= set(config) | {f"network_def#{k}" for k in config.get("network_def", {})}
+        assert set(ids.values()) <= roots, (bundle, set(ids.values()) - roots)
+    calls = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(bundle, configs, overrides, log_file, bar=None, **kwargs):
+        calls.append(dict(overrides))
+        raise Recorded
+
+    class Bar:
+        def reset(self, total=None): pass
+        def update(self, n=1): pass
+
+    monkeypatch.setattr(study, "run_bundle", record)
+    (tmp_path / "datalists").mkdir()
+    (tmp_path / "datalists" / "segmentation.json").write_text(json.dumps({"training": [{"image": "x"}]}))
+    settings = {**study.PROFILES["scratch"], "feature_size": 24, "seg_roi": 96, "net_size": 128,
+                "seg_epochs": 7, "prog_epochs": 9, "grad_checkpointing": True}
+    ctx = study.StudyContext(out=tmp_path, cohort=tmp_path, settings=settings, bundles=BUNDLES)
+    for stage in (study._segmentation, study._prognosis):
+        with pytest.raises(Recorded):
+            stage(ctx, tmp_path / stage.__name__, Bar())
+    seg, prog = calls
+    assert (seg["feature_size"], seg["roi_size"], seg["max_epochs"], seg["use_checkpoint"]) == (24, [96] * 3, 7, True)
+    assert seg["device"] == "$torch.device('cpu')" and seg["target_spacing"] == settings["seg_spacing_mm"]
+    assert (prog["feature_size"], prog["spatial_size"], prog["max_epochs"], prog["network_def#use_checkpoint"]) == \
+        (24, [128] * 3, 9, True)
+
+
+def test_bundle_progress_counts_epochs_and_scans():
+    """The study's per-bundle progress bar: ignite's 'Epoch[n] Complete' lines of the trainer
+    (not the evaluator's) over folds x epochs, and the segmentation's '[k/N]' scan lines."""
+    from analysis.study import BundleProgress
+
+    class StageBar:
+        disable = False
+
+    train = BundleProgress(StageBar(), "progswin_prognosis cross-validation", epochs=2, runs=4)
+    assert train.bar.total == 8
+    lines = ["2026-12-04 03:20:01,1 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. Time taken: 00:02:50",
+             "2026-12-04 03:20:02,1 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[1] Complete. Time taken: 00:00:09",
+             "2026-12-04 03:23:01,1 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[2] Complete. Time taken: 00:02:49",
+             "2026-12-04 03:23:02,1 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. Time taken: 00:02:51"]
+    for line in lines:
+        train.feed(line)
+    assert (train.count, train.bar.n) == (3, 3)
+    train.close()
+    scans = BundleProgress(StageBar(), "hcc_liver_seg inference.json")
+    for k in (1, 2, 5):
+        scans.feed(f"2026-12-04 02:02:42,458 - hcc_liver_seg - INFO - [{k}/600] c/images/HCC001/t0.nii.gz (5.7 s)")
+    assert (scans.bar.total, scans.bar.n) == (600, 5)
+    scans.close()
+    quiet = BundleProgress(None, "x", epochs=2)
+    quiet.feed(lines[0])
+    assert quiet.bar is None and quiet.count == 0

@@ -110,6 +110,24 @@ def test_boolean_ids_from_the_command_line(cohort, tmp_path, text, on):
     assert (not isinstance(q.get_parsed_content("inferer"), SimpleInferer)) is on
 
 
+def test_resume_without_checkpoint_is_a_clear_error(cohort, tmp_path):
+    """One resume rule in both bundles: --resume true with no checkpoint_epoch=<n>.pt in the
+    fold's folder stops with an error naming the folder, never a silent fresh start."""
+    common = {**TINY, "dataset_dir": cohort["dir"], "datalist": cohort["datalist"], "ckpt_dir": str(tmp_path / "models")}
+    p = _parser(["train.json"], **{**common, "resume": "true", "cache_rate": 0.0})
+    with pytest.raises(Exception) as exc:
+        p.get_parsed_content("resume_from")
+    text = "".join(str(e) for e in _chain(exc.value))
+    assert f"no checkpoint_epoch=<n>.pt checkpoint in {tmp_path / 'models' / 'fold0'}" in text
+    assert _parser(["train.json"], **{**common, "resume": "false"}).get_parsed_content("resume_from") is None
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def _abs(cohort, index: int) -> dict:
     item = dict(cohort["items"][index])
     for k in list(item):
@@ -591,7 +609,7 @@ def test_shipped_weights_match_sha256_and_load(bundle):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["hash_val"], path
     p = _parser(["inference.json", "synthetic_weights.json"], bundle=bundle, device="cpu")
     net = p.get_parsed_content("network_def")
-    ckpt = p.get_parsed_content("load_path" if bundle == BUNDLE else "ckpt_path")
+    ckpt = p.get_parsed_content("ckpt_path")
     assert os.path.isfile(ckpt) and Path(ckpt).resolve() == (bundle / entries[0]["path"]).resolve()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     state = state.get("model", state)

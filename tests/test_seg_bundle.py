@@ -177,9 +177,65 @@ def test_resume_continues_epoch_count(trained, data, caplog):
     assert (ckpt / "checkpoint_epoch=2.pt").is_file()
     assert f"resuming from {ckpt / 'checkpoint_epoch=1.pt'}" in caplog.text
     _bundle_on_path()
-    from scripts.checks import latest_checkpoint
+    from scripts.checks import resume_checkpoint
 
-    assert latest_checkpoint(str(ckpt)) == str(ckpt / "checkpoint_epoch=2.pt")  # newest epoch, not newest file
+    assert resume_checkpoint(str(ckpt), "false") is None
+    assert resume_checkpoint(str(ckpt), "true") == str(ckpt / "checkpoint_epoch=2.pt")  # newest epoch, not newest file
+
+
+@pytest.mark.parametrize("text, on", [("true", True), ("false", False), ("True", True), ("False", False),
+                                      ("1", True), ("0", False)])
+def test_boolean_ids_from_the_command_line(data, tmp_path, text, on):
+    """Each boolean id of train/inference, given as command-line text, has its effect: resume,
+    amp (trainer, evaluator, inference), gradient checkpointing."""
+    from monai.bundle import ConfigParser
+
+    _bundle_on_path()
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "checkpoint_epoch=3.pt").write_bytes(b"")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update({**TRAIN, "bundle_root": str(BUNDLE), "dataset_dir": str(data["cohort"]),
+                   "datalist": str(data["datalist"]), "ckpt_dir": str(ckpt_dir), "cache_rate": 0.0,
+                   "resume": text, "amp": text, "use_checkpoint": text})
+    parser.get_parsed_content("imports")
+    assert (parser.get_parsed_content("train#resume_loader#_disabled_")) is (not on)
+    assert (parser.get_parsed_content("resume_from") is not None) is on
+    assert parser.get_parsed_content("train#trainer").amp is on
+    assert parser.get_parsed_content("validate#evaluator").amp is on
+    assert parser.get_parsed_content("network_def").swinViT.layers1[0].blocks[0].use_checkpoint is on
+    infer = ConfigParser()
+    infer.read_config([str(CONFIGS / "inference.json")])
+    infer.update({**TINY, "bundle_root": str(BUNDLE), "input_dir": str(data["cohort"] / "images"),
+                  "output_dir": str(tmp_path / "out"), "amp": text})
+    infer.get_parsed_content("imports")
+    assert infer.get_parsed_content("evaluator").amp is on
+
+
+def test_boolean_ids_refuse_other_text(data, tmp_path):
+    from monai.bundle import ConfigParser
+
+    _bundle_on_path()
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")])
+    parser.update({**TINY, "bundle_root": str(BUNDLE), "amp": "flase"})
+    parser.get_parsed_content("imports")
+    with pytest.raises(Exception) as exc:
+        parser.get_parsed_content("train#trainer#amp")
+    assert "amp: expected true/false (or 1/0); got 'flase'" in _messages(exc.value)
+
+
+def test_flags_helper_is_one_copy_in_both_bundles():
+    """Each bundle runs zipped alone, so each carries scripts/flags.py; one copy, two places, and
+    integrity.py's own reader (loaded outside any package) accepts the same words."""
+    prog = REPO_ROOT / "bundles" / "progswin_prognosis" / "scripts"
+    assert (prog / "flags.py").read_bytes() == (BUNDLE / "scripts" / "flags.py").read_bytes()
+    _bundle_on_path()
+    from scripts import flags, integrity
+
+    for word in sorted(flags._TRUE | flags._FALSE):
+        assert integrity._as_bool(word) is flags.as_bool(word), word
 
 
 def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):

@@ -39,9 +39,13 @@ def check_inference_io(data: Sequence[Mapping], data_root_dir: str, output_dir: 
     return len(data)
 
 
-def latest_checkpoint(ckpt_dir: str, required: bool = True, pattern: str = "checkpoint_epoch=") -> str | None:
-    """Path of the newest `checkpoint_epoch=<n>.pt` in ckpt_dir (by n); None when not `required`."""
-    if not required:
+def resume_checkpoint(ckpt_dir: str, resume=True, pattern: str = "checkpoint_epoch=") -> str | None:
+    """The checkpoint a run resumes from (the ``resume_from`` id of both bundles): None when
+    ``resume`` is false; else the newest ``checkpoint_epoch=<n>.pt`` in ckpt_dir (by n), and
+    resuming with none there is an error naming the folder, never a silent fresh start."""
+    from scripts.flags import as_bool
+
+    if not as_bool(resume, "resume"):
         return None
     found = []
     if os.path.isdir(ckpt_dir):

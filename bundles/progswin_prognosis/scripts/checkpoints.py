@@ -45,6 +45,22 @@ def latest_checkpoint(fold_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def resume_checkpoint(ckpt_dir: str, resume=True) -> str | None:
+    """The checkpoint a run resumes from (the ``resume_from`` id of both bundles): None when
+    ``resume`` is false; else the newest ``checkpoint_epoch=<n>.pt`` in ``ckpt_dir``, and
+    resuming with none there is an error naming the folder, never a silent fresh start."""
+    from scripts.flags import as_bool
+
+    if not as_bool(resume, "resume"):
+        return None
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume requested but no checkpoint_epoch=<n>.pt checkpoint in {ckpt_dir}: train "
+                                f"once without --resume, or point --ckpt_dir at the folder holding it")
+    log.info("resuming from %s", path)
+    return path
+
+
 def best_model_path(ckpt_dir: str, fold: int) -> str:
     return os.path.join(ckpt_dir, f"fold{int(fold)}", "model.pt")
 
