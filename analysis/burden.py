@@ -50,7 +50,7 @@ from sklearn.preprocessing import StandardScaler
 from analysis import metrics
 from analysis.cohort import LABELS, TIMEPOINTS, derive_risk_class, find_scan, mask_path, read_clinical
 from analysis.io import write_csv, write_json
-from analysis.models import NUM_CLASSES, PROB_COLUMNS, _predict4, design_splits, prediction_frame, read_dl_predictions
+from analysis.models import NUM_CLASSES, PROB_COLUMNS, design_splits, predict_four_classes, prediction_frame, read_dl_predictions
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,9 @@ def predict_burden_cv4(features, clinical, seed: int = 0) -> pd.DataFrame:
         classes = np.unique(y_tr)
         if len(classes) < 2:
             raise ValueError(f"cv4 fold {fold}: training patients hold only class {classes.tolist()}")
-        # labels re-encoded 0..m-1, the encoding models._predict4 maps back to the four classes
+        # labels re-encoded 0..m-1, the encoding models.predict_four_classes maps back to the four classes
         pipe = burden_model(seed).fit(X.iloc[tr], np.searchsorted(classes, y_tr))
-        frames.append(prediction_frame(_predict4(pipe, classes, X.iloc[te]), X.index[te], fold,
+        frames.append(prediction_frame(predict_four_classes(pipe, classes, X.iloc[te]), X.index[te], fold,
                                        y.iloc[te].to_numpy()))
     oof = pd.concat(frames, ignore_index=True)
     return oof.sort_values("patient_id", kind="stable").reset_index(drop=True)

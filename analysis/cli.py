@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     verb, rest = argv[0], argv[1:]
+    # the command line writes figures to files and never shows them: the backend is chosen here,
+    # once, not inside the plotting functions (a notebook keeps its own)
+    import matplotlib
+
+    matplotlib.use("Agg")
     if verb not in VERBS:
         print(f"unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)

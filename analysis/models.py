@@ -331,7 +331,7 @@ def fit_models(X_train, y_train, models=MODEL_NAMES, seed: int = 0, corr_thresho
     return fitted
 
 
-def _predict4(pipe: Pipeline, classes: np.ndarray, X_test) -> np.ndarray:
+def predict_four_classes(pipe: Pipeline, classes: np.ndarray, X_test) -> np.ndarray:
     """4-column probabilities; classes missing from the training split get probability 0."""
     p = pipe.predict_proba(X_test)
     out = np.zeros((len(X_test), NUM_CLASSES))
@@ -364,7 +364,7 @@ def predict_design(X: pd.DataFrame, y: pd.Series, design: str, models=MODEL_NAME
         # labels re-encoded 0..m-1 for the fit: XGBoost requires contiguous labels
         fitted = fit_models(X.iloc[tr], np.searchsorted(classes, y_tr), list(models), seed, corr_threshold)
         for m, pipe in fitted.items():
-            preds[m].append(prediction_frame(_predict4(pipe, classes, X.iloc[te]), X.index[te], fold,
+            preds[m].append(prediction_frame(predict_four_classes(pipe, classes, X.iloc[te]), X.index[te], fold,
                                              y.iloc[te].to_numpy()))
         sel = pipe.named_steps["select"]
         for rank, j in enumerate(sel.support_):
@@ -445,9 +445,6 @@ def compare_with_dl(preds: dict[str, pd.DataFrame], dl: pd.DataFrame, n_boot: in
 # --------------------------------------------------------------------------------- figures
 def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
     """One panel per model (Fig. 5): the four one-vs-rest ROC curves with their AUCs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
@@ -485,9 +482,6 @@ def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
 
 def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
     """3-D scatter of the first three principal components of the selected features, by class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
@@ -515,9 +509,6 @@ def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
 
 def plot_confusion(conf: pd.DataFrame, path, title: str) -> pd.DataFrame:
     """One confusion matrix per model (Fig. 5): rows true class, columns predicted class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(conf["model"]))
@@ -550,9 +541,6 @@ def plot_correlation(X: pd.DataFrame, path, max_features: int = MAX_HEATMAP_FEAT
     ``X`` columns in importance order; only the first ``max_features`` are drawn (a readable
     figure; the paper shows 8), the title says how many were left out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     left_out = max(0, X.shape[1] - max_features)

@@ -458,9 +458,6 @@ def mrecist_from_masks(cohort: str | Path, masks: str | Path | None = None, k: f
 
 def waterfall_figure(table: pd.DataFrame):
     """Best % change of the viable sum from baseline per patient (bars coloured by best response)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s0 = pd.to_numeric(table["sum_mm_t0"], errors="coerce")

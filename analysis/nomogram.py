@@ -43,8 +43,8 @@ from analysis.survival import (
     EVENT,
     CoxResult,
     SurvivalInputError,
-    _parse_reference,
     fit_cox,
+    parse_reference,
     read_table,
     split_list,
     variable_p_values,
@@ -152,9 +152,6 @@ def _fmt(t: float) -> str:
 
 def plot_nomogram(nomo: Nomogram):
     """rms-style nomogram: points, one axis per variable, total points, survival axes per time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     axes_rows = []   # (axis name, [(x position 0-100, label, value)])
@@ -278,9 +275,6 @@ def calibration(result: CoxResult, horizon: float = HORIZON_MONTHS, groups: int 
 
 
 def plot_calibration(table: pd.DataFrame, horizon: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -322,9 +316,6 @@ def decision_curve(risk: np.ndarray, durations, events, horizon: float = HORIZON
 
 
 def plot_decision_curve(table: pd.DataFrame, horizon: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -470,7 +461,7 @@ def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, eve
     try:
         df = read_table(table, join)
         info = nomogram(df, duration, event, split_list(covariates), split_list(categorical),
-                        _parse_reference(reference), float(penalizer), split_list(variables) or None, float(alpha),
+                        parse_reference(reference), float(penalizer), split_list(variables) or None, float(alpha),
                         _floats(times), float(horizon), float(cutoff), int(n_boot), int(groups), int(seed),
                         out=out).summary
     except SurvivalInputError as exc:

@@ -349,9 +349,6 @@ def km_grid(df: pd.DataFrame, methods: Sequence[tuple[str, str]], by: str | None
     and table is written there (figures/km_grid.png, tables/logrank.csv, median_os.csv,
     unassigned.csv, summary.json; with ``panels`` also one figures/km_<method>_<subgroup>.png each).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if not methods:
@@ -521,7 +518,8 @@ def _level_label(value) -> str:
     return str(value)
 
 
-def _parse_reference(reference) -> dict:
+def parse_reference(reference) -> dict:
+    """``--reference "A=x,B=y"`` (Cox reference levels per categorical variable) -> {A: x, B: y}."""
     out = {}
     for item in split_list(reference):
         if "=" not in item:
@@ -805,9 +803,6 @@ def fit_cox(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, cova
 
 def plot_forest(result: CoxResult):
     """Fig. 7 style: one row per covariate / level, diamond at log(HR), line for the 95% CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     f = result.forest.copy()
@@ -841,9 +836,6 @@ def plot_forest(result: CoxResult):
 
 def plot_schoenfeld(result: CoxResult):
     """Scaled Schoenfeld residuals against rank time per design column, with the PH test p."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with warnings.catch_warnings():
@@ -937,7 +929,7 @@ def cox_cli(table: str, out: str, covariates, duration: str = DURATION, event: s
     try:
         df = read_table(table, join)
         result = fit_cox(df, duration, event, split_list(covariates), split_list(categorical),
-                         _parse_reference(reference), float(penalizer), coding, cv_folds, seed)
+                         parse_reference(reference), float(penalizer), coding, cv_folds, seed)
         summary = write_cox_outputs(result, out)
     except SurvivalInputError as exc:
         raise SystemExit(f"cox: {exc}") from None
