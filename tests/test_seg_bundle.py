@@ -547,6 +547,24 @@ def test_torchrun_two_processes_cpu_gloo(data, tmp_path):
     assert not any(k.startswith("module.") for k in state)  # DDP wrapper stripped: portable weights
 
 
+def test_channel_output_selects_and_pools_structures():
+    """The metrics' output transform: liver 1:2, tumour 2:3, whole liver 1:3 (liver + tumour
+    summed into one channel), for pred and label alike; a bad range is refused."""
+    _bundle_on_path()
+    from scripts.metrics import ChannelOutput
+
+    pred = torch.zeros(3, 2, 2, 2)
+    pred[1, 0], pred[2, 1] = 1, 1
+    label = pred.flip(1)
+    batch = [{"pred": pred, "label": label}]
+    (p_liver,), (l_liver,) = ChannelOutput(1, 2)(batch)
+    assert p_liver.shape == (1, 2, 2, 2) and torch.equal(p_liver[0], pred[1]) and torch.equal(l_liver[0], label[1])
+    (p_whole,), _ = ChannelOutput(1, 3)(batch)
+    assert p_whole.shape == (1, 2, 2, 2) and float(p_whole.sum()) == 8.0
+    with pytest.raises(ValueError, match="0 <= start < stop"):
+        ChannelOutput(2, 2)
+
+
 def test_validation_scores_the_post_processed_mask():
     """Validation and evaluation apply the inference post-processing (largest liver + tumour
     component) before scoring, so the reported Dice is the Dice of the masks the bundle writes:

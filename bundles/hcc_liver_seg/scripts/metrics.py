@@ -52,3 +52,22 @@ class HD95mmMetric(HausdorffDistanceMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         kwargs.setdefault("spacing", self.spacing)
         return super()._compute_tensor(y_pred, y, **kwargs)
+
+
+class ChannelOutput:
+    """An ignite ``output_transform`` for one structure's metric: ``pred`` and ``label`` of each
+    item reduced to channels ``start:stop`` summed into one channel (1:2 liver, 2:3 tumour, 1:3
+    the whole liver, tumour included), as the metrics handlers expect ([preds], [labels])."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = int(start), int(stop)
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"ChannelOutput: expected 0 <= start < stop; got {start}, {stop}")
+
+    def _one(self, t):
+        part = t[self.start:self.stop]
+        # one channel stays the slice itself (with its metadata, which HD95 in mm reads)
+        return part if self.stop - self.start == 1 else part.sum(0, keepdim=True)
+
+    def __call__(self, batch):
+        return [[self._one(d["pred"]) for d in batch], [self._one(d["label"]) for d in batch]]
