@@ -135,35 +135,45 @@ def test_device_flag_is_a_device_name_never_code(tmp_path):
     assert not marker.exists() and not (tmp_path / "o" / "validation").exists()
 
 
-@pytest.mark.parametrize("tracking, expected", [("mlflow", "mlflow"), ("MLflow", "mlflow"), ("none", None)])
-def test_tracking_reaches_the_training_runs(tmp_path, monkeypatch, tracking, expected):
-    """--tracking mlflow is passed on to every bundle training run the study drives (segmentation
-    train and evaluate, prognosis cross-validation); none passes nothing."""
+class _Recorded(Exception):
+    """Raised by the recording run_bundle to stop a stage after the calls a test needs."""
+
+
+class _Bar:
+    def reset(self, total=None): pass
+    def update(self, n=1): pass
+
+
+def _recording_study(monkeypatch, tmp_path, stop_at, **settings):
+    """(study module, a StudyContext on a stub cohort, the recorded (bundle, configs, overrides)
+    calls): study.run_bundle records instead of running and raises _Recorded on the calls whose
+    1-based number is in ``stop_at``."""
     from analysis import study
 
     calls = []
 
-    class Recorded(Exception):
-        pass
-
     def record(bundle, configs, overrides, log_file, bar=None, **kwargs):
         calls.append((bundle.name, tuple(configs), dict(overrides)))
-        if len(calls) in (2, 3):  # after seg evaluate and after cross-validation: stop the stage
-            raise Recorded
-
-    class Bar:
-        def reset(self, total=None): pass
-        def update(self, n=1): pass
+        if len(calls) in stop_at:
+            raise _Recorded
 
     monkeypatch.setattr(study, "run_bundle", record)
     (tmp_path / "datalists").mkdir()
     (tmp_path / "datalists" / "segmentation.json").write_text(json.dumps({"training": [{"image": "x"}]}))
-    settings = {**study.PROFILES["scratch"], "tracking": tracking}
-    ctx = study.StudyContext(out=tmp_path, cohort=tmp_path, settings=settings, bundles=BUNDLES)
-    with pytest.raises(Recorded):
-        study._segmentation(ctx, tmp_path / "seg", Bar())
-    with pytest.raises(Recorded):
-        study._prognosis(ctx, tmp_path / "prog", Bar())
+    ctx = study.StudyContext(out=tmp_path, cohort=tmp_path, settings={**study.PROFILES["scratch"], **settings},
+                             bundles=BUNDLES)
+    return study, ctx, calls
+
+
+@pytest.mark.parametrize("tracking, expected", [("mlflow", "mlflow"), ("MLflow", "mlflow"), ("none", None)])
+def test_tracking_reaches_the_training_runs(tmp_path, monkeypatch, tracking, expected):
+    """--tracking mlflow is passed on to every bundle training run the study drives (segmentation
+    train and evaluate, prognosis cross-validation); none passes nothing."""
+    study, ctx, calls = _recording_study(monkeypatch, tmp_path, stop_at=(2, 3), tracking=tracking)
+    with pytest.raises(_Recorded):
+        study._segmentation(ctx, tmp_path / "seg", _Bar())
+    with pytest.raises(_Recorded):
+        study._prognosis(ctx, tmp_path / "prog", _Bar())
     assert [(b, c) for b, c, _ in calls] == [("hcc_liver_seg", ("train.json",)),
                                             ("hcc_liver_seg", ("train.json", "evaluate.json")),
                                             ("progswin_prognosis", ())]
@@ -188,29 +198,13 @@ def test_profile_settings_reach_the_bundle_ids_of_one_table(tmp_path, monkeypatc
             config = json.loads((BUNDLES / bundle / "configs" / name).read_text())
             roots |= set(config) | {f"network_def#{k}" for k in config.get("network_def", {})}
         assert set(ids.values()) <= roots, (bundle, set(ids.values()) - roots)
-    calls = []
-
-    class Recorded(Exception):
-        pass
-
-    def record(bundle, configs, overrides, log_file, bar=None, **kwargs):
-        calls.append(dict(overrides))
-        raise Recorded
-
-    class Bar:
-        def reset(self, total=None): pass
-        def update(self, n=1): pass
-
-    monkeypatch.setattr(study, "run_bundle", record)
-    (tmp_path / "datalists").mkdir()
-    (tmp_path / "datalists" / "segmentation.json").write_text(json.dumps({"training": [{"image": "x"}]}))
-    settings = {**study.PROFILES["scratch"], "feature_size": 24, "seg_roi": 96, "net_size": 128,
-                "seg_epochs": 7, "prog_epochs": 9, "grad_checkpointing": True}
-    ctx = study.StudyContext(out=tmp_path, cohort=tmp_path, settings=settings, bundles=BUNDLES)
+    study, ctx, calls = _recording_study(monkeypatch, tmp_path, stop_at=(1, 2), feature_size=24, seg_roi=96,
+                                         net_size=128, seg_epochs=7, prog_epochs=9, grad_checkpointing=True)
+    settings = ctx.settings
     for stage in (study._segmentation, study._prognosis):
-        with pytest.raises(Recorded):
-            stage(ctx, tmp_path / stage.__name__, Bar())
-    seg, prog = calls
+        with pytest.raises(_Recorded):
+            stage(ctx, tmp_path / stage.__name__, _Bar())
+    (_, _, seg), (_, _, prog) = calls
     assert (seg["feature_size"], seg["roi_size"], seg["max_epochs"], seg["use_checkpoint"]) == (24, [96] * 3, 7, True)
     assert seg["device"] == "$torch.device('cpu')" and seg["target_spacing"] == settings["seg_spacing_mm"]
     assert (prog["feature_size"], prog["spatial_size"], prog["max_epochs"], prog["network_def#use_checkpoint"]) == \

@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Mapping, Sequence
 
+from scripts.flags import as_bool
+
 logger = logging.getLogger("hcc_liver_seg")
 
 
@@ -43,8 +45,6 @@ def resume_checkpoint(ckpt_dir: str, resume=True, pattern: str = "checkpoint_epo
     """The checkpoint a run resumes from (the ``resume_from`` id of both bundles): None when
     ``resume`` is false; else the newest ``checkpoint_epoch=<n>.pt`` in ckpt_dir (by n), and
     resuming with none there is an error naming the folder, never a silent fresh start."""
-    from scripts.flags import as_bool
-
     if not as_bool(resume, "resume"):
         return None
     found = []

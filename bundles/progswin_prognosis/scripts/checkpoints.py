@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.flags import as_bool
 from scripts.integrity import verified_weights
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ def resume_checkpoint(ckpt_dir: str, resume=True) -> str | None:
     """The checkpoint a run resumes from (the ``resume_from`` id of both bundles): None when
     ``resume`` is false; else the newest ``checkpoint_epoch=<n>.pt`` in ``ckpt_dir``, and
     resuming with none there is an error naming the folder, never a silent fresh start."""
-    from scripts.flags import as_bool
-
     if not as_bool(resume, "resume"):
         return None
     path = latest_checkpoint(ckpt_dir)
