@@ -313,6 +313,75 @@ def test_region_pooling_scaler():
         net.set_standardization(torch.zeros(4, 5))
 
 
+def test_peritumoral_ring_region():
+    """peritumoral_voxels k adds, per time point, a ring region: the liver-label voxels within k
+    voxels (a cube) of that time point's tumour label, checked against scipy's binary dilation.
+    regions_images pools its own time point's image there (mean, std, share, by boolean
+    indexing), the pooled vector grows by one region per time point, and a cache of
+    pooling_input at every 2nd voxel holds the rings of the full-resolution pass."""
+    import torch
+    from scipy import ndimage
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+
+    torch.manual_seed(6)
+    net = ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=2, window_size=4,
+                        pooling="regions_images", peritumoral_voxels=2).eval()
+    x = torch.randn(2, 9, 64, 64, 64)
+    rng = np.random.default_rng(0)
+    expected_rings = np.zeros((2, 3, 64, 64, 64), bool)
+    for b in range(2):
+        for t in range(3):
+            label = np.zeros((64, 64, 64), np.int64)
+            label[6:58, 6:58, 6:58] = 1
+            for _ in range(2):  # two tumour blocks per time point, one near the liver's edge
+                lo = rng.integers(4, 50, 3)
+                label[lo[0]:lo[0] + 8, lo[1]:lo[1] + 6, lo[2]:lo[2] + 5] = 2
+            x[b, 3 + 2 * t] = torch.from_numpy(label == 1).float()
+            x[b, 4 + 2 * t] = torch.from_numpy(label == 2).float()
+            expected_rings[b, t] = ndimage.binary_dilation(label == 2, np.ones((5, 5, 5), bool)) & (label == 1)
+    with torch.no_grad():
+        rings = net.peritumoral_rings(x)
+    assert rings.shape == (2, 3, 64, 64, 64) and np.array_equal(rings.numpy() > 0, expected_rings)
+    pin = net.pooling_input(x)
+    assert pin.shape[1] == net.pooling_channels == 12 and torch.equal(pin[:, :9], x)
+    seen = []
+    net.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    with torch.no_grad():
+        logits = net(x)
+        torch.testing.assert_close(net.head(net.features(x), pin), logits)
+    pooled = seen[0]
+    regions = 6 + 3
+    assert pooled.shape == (2, 2 * (1 + 2 * regions) + 3 * regions) and net.classifier.in_features == 65
+    start = 2 * (1 + 2 * regions)  # image means, image stds, shares: one per region, rings last
+    for b in range(2):
+        for t in range(3):
+            own = x[b, t][torch.from_numpy(expected_rings[b, t])]
+            got = pooled[b, [start + 6 + t, start + regions + 6 + t, start + 2 * regions + 6 + t]]
+            want = torch.stack([own.mean(), own.std(unbiased=False), torch.tensor(expected_rings[b, t].mean())])
+            torch.testing.assert_close(got, want.float(), atol=2e-3, rtol=1e-4)
+    # the warm-up's cache subsamples pooling_input: the rings of the full-resolution input
+    from scripts.warmup import cache_features
+
+    items = [{"image": x[b], "label": torch.tensor(b)} for b in range(2)]
+    _, cached, _ = cache_features(net, items, "cpu", dtype=torch.float32, stride=2)
+    assert torch.equal(cached[:, 9:], rings[..., ::2, ::2, ::2])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"in_channels": 6, "head_hidden": 2, "pooling": "regions"}, "needs region pooling over liver and tumour labels"),
+    ({"in_channels": 9, "head_hidden": 2, "pooling": "mean"}, "needs region pooling over liver and tumour labels"),
+    ({"in_channels": 9, "head_hidden": 2, "pooling": "regions", "peritumoral_voxels": -1}, "must be >= 0"),
+])
+def test_peritumoral_ring_refusals(kwargs, message):
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+
+    with pytest.raises(ValueError, match=message):
+        ProgSwinUNETR(feature_size=12, depths=(1, 1, 1, 1), **{"peritumoral_voxels": 2, **kwargs})
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"in_channels": 3, "head_hidden": 8}, "needs head_hidden > 0 and mask channels"),
     ({"in_channels": 9, "head_hidden": 0}, "needs head_hidden > 0 and mask channels"),
@@ -338,7 +407,7 @@ def test_region_pooling_has_no_dense_map():
     x = torch.zeros(1, 9, 64, 64, 64)
     with pytest.raises(ValueError, match="sliding_window false"):
         net(x, dense=True)
-    with pytest.raises(ValueError, match="needs the 9-channel input"):
+    with pytest.raises(ValueError, match="needs the 9-channel pooling input"):
         net.head(torch.zeros(1, 12, 8, 8, 8))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
@@ -61,6 +62,12 @@ class ProgSwinUNETR(nn.Module):
             (region pooling plus the images' own region statistics).
         image_channels: how many leading input channels are images (3: t0, t1, t2); the
             channels after them are the masks that ``"regions"`` pools over.
+        peritumoral_voxels: region pooling over liver and tumour labels (``mask_channels``
+            labels) only: > 0 adds, per time point, a peritumoral ring region (the liver voxels
+            within this many voxels of the tumour, a max-pool dilation of the tumour label) to the
+            regions pooled; 0 (default) = none. Peritumoral arterial enhancement is one of the
+            paper's imaging high-risk signs, and outside the tumour label neither the tumour's
+            statistics nor the whole liver's (which dilutes a thin rim) read it.
         window_size: Swin attention window (SwinUNETR's default 7, the paper's). On a CPU the
             window attention is most of a training step at 64^3 (7^3 = 343 tokens per window,
             and 32 tokens per side padded to 35); 4 divides every stage of a 64^3 input and
@@ -81,6 +88,7 @@ class ProgSwinUNETR(nn.Module):
         window_size: int = 7,
         pooling: str = "mean",
         image_channels: int = 3,
+        peritumoral_voxels: int = 0,
     ) -> None:
         super().__init__()
         if int(feature_size) % 12:
@@ -103,6 +111,21 @@ class ProgSwinUNETR(nn.Module):
                 f"pooling '{self.pooling}' needs head_hidden > 0 and mask channels after the {self.image_channels} "
                 f"images (mask_channels union or labels); got head_hidden {self.head_hidden}, "
                 f"in_channels {self.in_channels}")
+        self.peritumoral_voxels = int(peritumoral_voxels)
+        if self.peritumoral_voxels < 0:
+            raise ValueError(f"peritumoral_voxels must be >= 0; got {peritumoral_voxels}")
+        if self.peritumoral_voxels and not (self.region_pooling and self.n_regions == 2 * self.image_channels):
+            raise ValueError(
+                f"peritumoral_voxels > 0 needs region pooling over liver and tumour labels per time point "
+                f"(mask_channels labels, {3 * self.image_channels} input channels); got pooling '{self.pooling}', "
+                f"in_channels {self.in_channels}")
+        # the regions pooled: the input's mask channels, then one peritumoral ring per time point;
+        # region_timepoint[r] is the image whose statistics region r reads
+        per = self.n_regions // self.image_channels if self.n_regions else 1
+        self.region_timepoint = [r // per for r in range(self.n_regions)]
+        if self.peritumoral_voxels:
+            self.region_timepoint += list(range(self.image_channels))
+        self.n_pooled_regions = len(self.region_timepoint)
         self.swin = SwinUNETR(
             in_channels=self.in_channels,
             out_channels=self.head_hidden or self.out_channels,
@@ -120,7 +143,8 @@ class ProgSwinUNETR(nn.Module):
         if self.region_pooling:
             # global mean + per-region mean and std of each hidden channel (+ per region the own
             # time point's image mean and std, and the region's share of the volume)
-            width = self.head_hidden * (1 + 2 * self.n_regions) + (3 * self.n_regions if self.pooling == "regions_images" else 0)
+            r = self.n_pooled_regions
+            width = self.head_hidden * (1 + 2 * r) + (3 * r if self.pooling == "regions_images" else 0)
             self.classifier = nn.Linear(width, self.out_channels)
             # a fitted scaler of the pooled vector (set_standardization): its parts differ in scale
             # by orders of magnitude (an image's std in a region ~0.1, a hidden channel's mean ~1),
@@ -164,8 +188,27 @@ class ProgSwinUNETR(nn.Module):
 
     def pooling_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """What region pooling reads beside the features: the input itself (its mask channels
-        are the regions); None for the voxel-mean heads."""
-        return x if self.region_pooling else None
+        are the regions), followed by the peritumoral rings when ``peritumoral_voxels`` > 0;
+        None for the voxel-mean heads. Computed at the input's resolution, so a cache of it at
+        every n-th voxel (``scripts.warmup``) holds the same rings as the full-resolution pass."""
+        if not self.region_pooling:
+            return None
+        if not self.peritumoral_voxels:
+            return x
+        return torch.cat([x, self.peritumoral_rings(x)], 1)
+
+    def peritumoral_rings(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, time points, D, H, W): per time point the liver-label voxels within
+        ``peritumoral_voxels`` voxels (a cube, max-pool dilation) of that time point's tumour label."""
+        masks = x[:, self.image_channels:self.in_channels]
+        liver, tumour = masks[:, 0::2], masks[:, 1::2]
+        k = self.peritumoral_voxels
+        return F.max_pool3d(tumour, 2 * k + 1, stride=1, padding=k) * liver
+
+    @property
+    def pooling_channels(self) -> int:
+        """Channels of :meth:`pooling_input`: the input's, plus a ring per time point."""
+        return self.in_channels + (self.image_channels if self.peritumoral_voxels else 0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last decoder stage's output (B, feature_size, D, H, W): the input of ``swin.out``.
@@ -189,8 +232,9 @@ class ProgSwinUNETR(nn.Module):
         input on the features' grid), then ``classifier``."""
         if not self.region_pooling:
             return self.pool(self._classify(self.swin.out(features))).flatten(1)
-        if inputs is None or inputs.shape[2:] != features.shape[2:] or inputs.shape[1] != self.in_channels:
-            raise ValueError(f"pooling '{self.pooling}' needs the {self.in_channels}-channel input on the features' "
+        if inputs is None or inputs.shape[2:] != features.shape[2:] or inputs.shape[1] != self.pooling_channels:
+            raise ValueError(f"pooling '{self.pooling}' needs the {self.pooling_channels}-channel pooling input "
+                             f"(ProgSwinUNETR.pooling_input) on the features' "
                              f"grid {tuple(features.shape[2:])}; got {None if inputs is None else tuple(inputs.shape)}")
         v = self.pooled_vector(features, inputs)
         return self.classifier((v - self.pooled_mean) / self.pooled_scale)
@@ -228,10 +272,9 @@ class ProgSwinUNETR(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _own_images(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, R, V): for each region channel, the image of its own time point (the masks come
-        per time point in the images' order, ``n_regions // image_channels`` each)."""
-        per = self.n_regions // self.image_channels
-        return inputs[:, [r // per for r in range(self.n_regions)]].flatten(2)
+        """(B, R, V): for each pooled region, the image of its own time point (the masks come
+        per time point in the images' order, ``n_regions // image_channels`` each; then the rings)."""
+        return inputs[:, self.region_timepoint].flatten(2)
 
     def final_weight(self) -> torch.Tensor:
         """The weight of the head's last linear map (``classifier``, or ``swin.out`` for Eq. 6):
