@@ -561,15 +561,17 @@ def learned(cohort, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_warmup_trains_only_the_head(learned):
+    """The recipe's warm-up (warmup_solver logistic) fits the classifier and the pooled vector's
+    scaler on cached features and nothing else: swin.out and the backbone are as initialised;
+    the end-to-end epoch then moves the backbone and swin.out too."""
     torch = learned["torch"]
     before, warm = learned["before"], learned["after_warmup"]
-    # the head: swin.out, classifier and the pooled vector's scaler (fitted by the warm-up)
-    head = [k for k in before if k.startswith(("swin.out.", "classifier.", "pooled_"))]
-    assert len(head) == 6 and all(not torch.equal(before[k], warm[k]) for k in head)
-    frozen = [k for k in before if k not in head]
-    assert all(torch.equal(before[k], warm[k]) for k in frozen)
-    # end-to-end training then moves the backbone too (backbone_lr_scale > 0)
-    assert any(not torch.equal(warm[k], learned["after"][k]) for k in frozen)
+    fitted = [k for k in before if k.startswith(("classifier.", "pooled_"))]
+    assert len(fitted) == 4 and all(not torch.equal(before[k], warm[k]) for k in fitted)
+    untouched = [k for k in before if k not in fitted]
+    assert all(torch.equal(before[k], warm[k]) for k in untouched)
+    moved = [k for k in untouched if not torch.equal(warm[k], learned["after"][k])]
+    assert any(k.startswith("swin.out.") for k in moved) and any(k.startswith("swin.swinViT.") for k in moved)
 
 
 @pytest.mark.slow
@@ -578,7 +580,7 @@ def test_recipe_writes_learning_curves(learned):
     import pandas as pd
 
     curve = learned["curve"]
-    assert list(curve["step"]) == [100, 200, 300] and np.isfinite(curve["train_loss"]).all()
+    assert len(curve) == 1 and 0 < curve["step"].iloc[0] <= 300 and np.isfinite(curve["train_loss"]).all()
     out = learned["out"] / "eval" / "fold0"
     for name in ("warmup_curve.png", "warmup_curve.csv", "learning_curve.png", "learning_curve.csv"):
         assert (out / name).stat().st_size > 0, name
@@ -588,15 +590,117 @@ def test_recipe_writes_learning_curves(learned):
 
 @pytest.mark.slow
 def test_recipe_learns_its_training_patients(learned):
-    """The learning check: the CPU recipe's head warm-up fits its 6 tiny training patients
-    (training accuracy 1.0 within 300 head steps, the loss falling at every logged step to well
-    below the chance level ln 4). A network, head, feature cache or optimiser wiring that cannot
-    learn fails here. (The one end-to-end epoch after it, 3 augmented steps, is too short to
-    assert a fit on.) Seeded, so the same on every run of the same platform."""
+    """The learning check, recipe as shipped: the warm-up's logistic regression on the pooled
+    vectors fits its 6 tiny training patients (training accuracy 1.0, class-balanced loss well
+    below the chance level ln 4). A network, head, ring, scaler or cache wiring that loses the
+    signal fails here. Seeded, so the same on every run of the same platform."""
     curve = learned["curve"]
+    assert curve["train_accuracy"].iloc[-1] == 1.0, curve.to_string()
+    assert curve["train_loss"].iloc[-1] < 0.6 * np.log(4), curve.to_string()
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(cohort) -> dict:
+    """Features and pooling input of the 6 tiny training patients, cached by the recipe's own
+    network and preprocessing (train.json + cpu_recipe.json at the test sizes)."""
+    import torch
+    from monai.data import Dataset
+    from monai.utils import set_determinism
+
+    p = _parser(["train.json", "cpu_recipe.json"], **{**TINY, "dataset_dir": cohort["dir"],
+                                                      "datalist": cohort["datalist"], "fold": 0})
+    from scripts.warmup import cache_features
+
+    set_determinism(seed=123)
+    net = p.get_parsed_content("network_def")
+    train = p.get_parsed_content("train#dataset#data")
+    features, inputs, labels = cache_features(net, Dataset(train, p.get_parsed_content("validate#preprocessing")),
+                                              "cpu", stride=2)
+    set_determinism(None)
+    return {"net": net, "features": features, "inputs": inputs, "labels": labels, "torch": torch}
+
+
+@pytest.mark.slow
+def test_adamw_warmup_learns_its_training_patients(tiny_cache):
+    """The learning check of the step-wise solver (warmup_solver adamw, every head layer): on the
+    same 6 patients, 300 AdamW steps reach training accuracy 1.0, the loss falling at every
+    logged step to well below ln 4."""
+    import copy
+
+    from scripts.warmup import pooled_vectors, train_head
+
+    net = copy.deepcopy(tiny_cache["net"])
+    f, x, y = tiny_cache["features"], tiny_cache["inputs"], tiny_cache["labels"]
+    net.set_standardization(pooled_vectors(net, f, x, "cpu"))
+    curve = train_head(net, f, y, 300, 3e-3, 8, True, 1e-4, "cpu", 0, 100, inputs=x, l2=0.0035)
+    assert list(curve["step"]) == [100, 200, 300]
     assert (np.diff(curve["train_loss"]) < 0).all(), curve.to_string()
     assert curve["train_accuracy"].iloc[-1] == 1.0, curve.to_string()
     assert curve["train_loss"].iloc[-1] < 0.6 * np.log(4), curve.to_string()
+
+
+@pytest.mark.slow
+def test_logistic_warmup_is_scikit_learns_logistic_regression(tiny_cache):
+    """warmup_solver logistic: the classifier then gives scikit-learn's own probabilities for the
+    same standardised pooled vectors (C = 1 / (2 l2 N), class-balanced), with all classes present
+    and with two (the binary coefficient form mapped to two softmax rows; an absent class ~0);
+    the learned parts enter shrunk by learned_scale."""
+    import copy
+
+    from sklearn.linear_model import LogisticRegression
+
+    from scripts.warmup import fit_head_logistic, head_probabilities, pooled_vectors
+
+    torch = tiny_cache["torch"]
+    f, x, y = tiny_cache["features"], tiny_cache["inputs"], tiny_cache["labels"]
+    first = int(y[0])
+    second = next(int(k) for k in y if int(k) != first)
+    for keep in (None, (first, second)):
+        idx = torch.arange(len(y)) if keep is None else torch.tensor([i for i, k in enumerate(y) if int(k) in keep])
+        net = copy.deepcopy(tiny_cache["net"])
+        vectors = pooled_vectors(net, f[idx], x[idx], "cpu")
+        net.set_standardization(vectors, learned_scale=0.3)
+        std = vectors.std(0)
+        nl = net.n_learned
+        assert nl == 2 * (1 + 2 * 9) and net.classifier.in_features == nl + 3 * 9
+        varying = std[:nl] > 1e-6
+        torch.testing.assert_close(net.pooled_scale[:nl][varying], std[:nl][varying] / 0.3)
+        curve = fit_head_logistic(net, f[idx], y[idx], x[idx], l2=0.01)
+        z = ((vectors - net.pooled_mean) / net.pooled_scale).double().numpy()
+        ref = LogisticRegression(C=1 / (2 * 0.01 * len(idx)), class_weight="balanced", max_iter=1000)
+        ref.fit(z, y[idx].numpy())
+        ours = head_probabilities(net, f[idx], "cpu", inputs=x[idx])
+        np.testing.assert_allclose(ours[:, ref.classes_], ref.predict_proba(z), atol=2e-4)
+        absent = [k for k in range(4) if k not in ref.classes_]
+        assert np.all(ours[:, absent] < 1e-6) and curve["train_accuracy"].iloc[0] == 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"solver": "sgd"}, "warmup_solver: expected one of"),
+    ({"learned_scale": 0}, r"warmup_learned_scale must be in \(0, 1\]"),
+    ({"learned_scale": 2}, r"warmup_learned_scale must be in \(0, 1\]"),
+])
+def test_warmup_refuses_bad_settings(kwargs, message):
+    _bundle_on_path()
+    from scripts.warmup import HeadWarmup
+
+    with pytest.raises(ValueError, match=message):
+        HeadWarmup(network=None, dataset=[], steps=10, **kwargs)
+
+
+def test_logistic_warmup_needs_region_pooling():
+    import torch
+
+    _bundle_on_path()
+    from scripts.net import ProgSwinUNETR
+    from scripts.warmup import fit_head_logistic
+
+    net = ProgSwinUNETR(in_channels=3, feature_size=12, depths=(1, 1, 1, 1), window_size=4)
+    with pytest.raises(ValueError, match="fits the region-pooling classifier.*pooling 'mean'"):
+        fit_head_logistic(net, torch.zeros(2, 12, 8, 8, 8), torch.tensor([0, 1]), None)
+    with pytest.raises(ValueError, match=r"learned_scale must be in \(0, 1\]"):
+        ProgSwinUNETR(in_channels=9, feature_size=12, depths=(1, 1, 1, 1), head_hidden=2,
+                      pooling="regions").set_standardization(torch.randn(4, 26), learned_scale=0)
 
 
 @pytest.mark.slow

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 _TRAIN_ONLY_ROOTS = {"train", "validate", "max_epochs", "val_interval", "batch_size", "learning_rate",
                      "optimizer", "loss", "class_weights", "cache_rate", "amp", "resume", "resume_from",
                      "pretrained", "warmup_steps", "warmup_learning_rate", "warmup_batch_size",
-                     "warmup_feature_stride", "warmup_standardize", "warmup_l2", "balanced_sampling",
+                     "warmup_feature_stride", "warmup_standardize", "warmup_l2", "warmup_solver",
+                     "warmup_learned_scale", "balanced_sampling",
                      "backbone_lr_scale", "model_selection"}
 
 

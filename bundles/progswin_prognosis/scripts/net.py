@@ -249,19 +249,34 @@ class ProgSwinUNETR(nn.Module):
             pooled += [*_region_mean_std(self._own_images(inputs).to(h.dtype), m, count, per_region=True), m.mean(-1)]
         return torch.cat([p.flatten(1) for p in pooled], 1)
 
+    @property
+    def n_learned(self) -> int:
+        """Region pooling: how many leading parts of the pooled vector are learned (the hidden
+        map's statistics); the rest (``regions_images``) are the images' own statistics."""
+        return self.head_hidden * (1 + 2 * self.n_pooled_regions) if self.region_pooling else 0
+
     @torch.no_grad()
-    def set_standardization(self, vectors: torch.Tensor) -> None:
+    def set_standardization(self, vectors: torch.Tensor, learned_scale: float = 1.0) -> None:
         """Fit the pooled vector's scaler: mean and std over ``vectors`` (N, width), the training
-        patients' pooled vectors (``scripts.warmup.pooled_vectors``); a constant part keeps scale 1."""
+        patients' pooled vectors (``scripts.warmup.pooled_vectors``); a constant part keeps scale 1.
+
+        ``learned_scale`` < 1 shrinks the learned parts (the first :attr:`n_learned`) after
+        standardisation, so that a ridge penalty on the classifier weighs ``1 / learned_scale ** 2``
+        times more on them: at the start they are a random backbone's features (noise), the
+        images' statistics are not."""
         if not self.region_pooling:
             raise ValueError(f"pooling '{self.pooling}' has no pooled vector to standardise")
         vectors = torch.as_tensor(vectors, dtype=self.pooled_mean.dtype)
         if vectors.ndim != 2 or vectors.shape[1] != self.pooled_mean.numel() or len(vectors) < 2:
             raise ValueError(f"set_standardization expects (N >= 2, {self.pooled_mean.numel()}) pooled vectors; "
                              f"got {tuple(vectors.shape)}")
+        if not 0 < float(learned_scale) <= 1:
+            raise ValueError(f"learned_scale must be in (0, 1]; got {learned_scale}")
         std = vectors.std(0)
+        scale = torch.where(std > 1e-6, std, torch.ones_like(std))
+        scale[:self.n_learned] /= float(learned_scale)
         self.pooled_mean.copy_(vectors.mean(0))
-        self.pooled_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        self.pooled_scale.copy_(scale)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # weights saved before the scaler existed (progswin_prognosis < 0.6.0) load as the identity
