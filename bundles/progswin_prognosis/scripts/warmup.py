@@ -84,6 +84,17 @@ def head_probabilities(network: torch.nn.Module, features: torch.Tensor, device,
     return torch.cat(out).numpy()
 
 
+def _validation_row(net, val_features, val_labels, val_inputs, device) -> dict:
+    """Validation macro AUC and accuracy of the head on cached features ({} without them)."""
+    if val_features is None or not len(val_features):
+        return {}
+    pv = head_probabilities(net, val_features, device, inputs=val_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AbsentClassWarning)
+        auc = macro_auc(val_labels.numpy(), pv)
+    return {"val_macro_auc": auc, "val_accuracy": accuracy(val_labels.numpy(), pv)}
+
+
 def _head(net, features, inputs, index, device) -> torch.Tensor:
     r = None if inputs is None else inputs[index].to(device, torch.float32)
     return net.head(features[index].to(device, torch.float32), r)
@@ -132,12 +143,7 @@ def train_head(network: torch.nn.Module, features: torch.Tensor, labels: torch.T
             y = labels.numpy()
             row = {"step": step, "train_loss": float(np.mean(running)),
                    "train_accuracy": accuracy(y, head_probabilities(net, features, device, inputs=inputs))}
-            if val_features is not None and len(val_features):
-                pv = head_probabilities(net, val_features, device, inputs=val_inputs)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", AbsentClassWarning)
-                    row["val_macro_auc"] = macro_auc(val_labels.numpy(), pv)
-                row["val_accuracy"] = accuracy(val_labels.numpy(), pv)
+            row.update(_validation_row(net, val_features, val_labels, val_inputs, device))
             rows.append(row)
             running = []
     return pd.DataFrame(rows)
@@ -200,12 +206,7 @@ def fit_head_logistic(network: torch.nn.Module, features: torch.Tensor, labels: 
     nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))
     row = {"step": int(np.max(model.n_iter_)), "train_loss": float(np.sum(w * nll) / np.sum(w)),
            "train_accuracy": accuracy(y, p), "converged": converged}
-    if val_features is not None and len(val_features):
-        pv = head_probabilities(net, val_features, device, inputs=val_inputs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AbsentClassWarning)
-            row["val_macro_auc"] = macro_auc(val_labels.numpy(), pv)
-        row["val_accuracy"] = accuracy(val_labels.numpy(), pv)
+    row.update(_validation_row(net, val_features, val_labels, val_inputs, device))
     return pd.DataFrame([row])
 
 
