@@ -508,7 +508,7 @@ def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
     s = ctx.settings
     if ctx.shared:
         bar.reset(total=1)
-        run_bundle(ctx.prog_bundle, ["gradcam.json", s["weights_overlay"]],
+        run_bundle(ctx.prog_bundle, ["inference.json", "gradcam.json", s["weights_overlay"]],
                    {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
                     "output_dir": str(staging), "predictions": str(ctx.dl_predictions),
                     **bundle_overrides(s, "progswin_prognosis", ("device",))},
@@ -521,7 +521,7 @@ def _gradcam(ctx: StudyContext, staging: Path, bar) -> dict:
         **bundle_overrides(s, "progswin_prognosis", ("feature_size", "net_size", "device")),
     }
     bar.reset(total=1)
-    run_bundle(ctx.prog_bundle, ["gradcam.json"], overrides, staging / "gradcam.log", bar)
+    run_bundle(ctx.prog_bundle, ["inference.json", "gradcam.json"], overrides, staging / "gradcam.log", bar)
     return {"montages": len(list(staging.rglob("*.png")))}
 
 

@@ -437,7 +437,7 @@ def test_gradcam(cv):
 
     pid = cv["items"][1]["patient_id"]
     out = cv["out"] / "gradcam"
-    _bundle_run(["gradcam.json"], {**TINY, "dataset_dir": str(cv["dir"]), "datalist": cv["datalist"],
+    _bundle_run(["inference.json", "gradcam.json"], {**TINY, "dataset_dir": str(cv["dir"]), "datalist": cv["datalist"],
                                    "ckpt_dir": str(cv["out"] / "models"), "output_dir": str(out),
                                    "patients": [pid]})
     for tp in ("t0", "t1", "t2"):
@@ -506,13 +506,27 @@ def test_check_properties_train_and_infer(cohort):
     common = {**TINY, "bundle_root": str(BUNDLE), "dataset_dir": str(cohort["dir"]),
               "datalist": cohort["datalist"], "cache_rate": 0.0}
     for configs, kind in ((["train.json"], "train"), (["train.json", "evaluate.json"], "train"),
-                          (["inference.json"], "infer")):
+                          (["inference.json"], "infer"), (["inference.json", "gradcam.json"], "infer")):
         files = [str(CONFIGS / c) for c in configs]
         wf = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], workflow_type=kind,
                             meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
                             **{k: v for k, v in common.items() if not (kind == "infer" and k == "cache_rate")})
         wf.initialize()
         assert wf.check_properties() == [], configs
+
+
+def test_gradcam_is_a_thin_overlay_on_inference():
+    """gradcam.json reuses inference.json's network, preprocessing and dataset (no copy of
+    them): it only keeps the time points, picks the patients and replaces run."""
+    gradcam = json.loads((CONFIGS / "gradcam.json").read_text())
+    assert not {"network_def", "preprocessing", "imports", "image_keys"} & set(gradcam), sorted(gradcam)
+    assert gradcam["keep_timepoints"] is True and gradcam["dataset#data#patients"] == "@gradcam_patients"
+    p = _parser(["inference.json", "gradcam.json"], feature_size=12, device="cpu", patients=["P1"])
+    assert p.get_parsed_content("gradcam_patients") == ["P1"]
+    assert p.get_parsed_content("ckpt_path") is None  # each patient's own fold model
+    transforms = p.get_parsed_content("preprocessing").transforms
+    delete = [t for t in transforms if type(t).__name__ == "DeleteItemsd"]
+    assert not delete, "the time points are kept for the montage"
 
 
 def test_metadata_valid_and_bundle_self_contained():
