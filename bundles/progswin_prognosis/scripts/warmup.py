@@ -158,7 +158,7 @@ def fit_head_logistic(network: torch.nn.Module, features: torch.Tensor, labels: 
                       inputs: torch.Tensor, l2: float = 0.0, balanced: bool = True, max_iter: int = 1000,
                       device="cpu", val_features: torch.Tensor | None = None,
                       val_labels: torch.Tensor | None = None, val_inputs: torch.Tensor | None = None,
-                      ) -> pd.DataFrame:
+                      vectors: torch.Tensor | None = None) -> pd.DataFrame:
     """Region pooling: fit the linear ``classifier`` on the cached patients' standardised pooled
     vectors as a multinomial logistic regression (scikit-learn, L-BFGS, to convergence), with
     ``swin.out`` and the scaler as they are; its coefficients become the classifier's weights.
@@ -168,6 +168,7 @@ def fit_head_logistic(network: torch.nn.Module, features: torch.Tensor, labels: 
     solved exactly instead of by a few hundred minibatch steps: on 144 synthetic patients the
     steps stop 0.02-0.05 of out-of-fold AUC short of the optimum (docs/README.md, "The CPU recipe
     of release 0.8.0"). Returns a one-row learning curve (``step`` = L-BFGS iterations).
+    ``vectors``: the patients' pooled vectors when the caller has them already (the scaler's fit).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -177,7 +178,9 @@ def fit_head_logistic(network: torch.nn.Module, features: torch.Tensor, labels: 
         raise ValueError(f"warmup_solver 'logistic' fits the region-pooling classifier; this network has pooling "
                          f"'{net.pooling}' (use warmup_solver 'adamw')")
     y = labels.numpy()
-    z = ((pooled_vectors(net, features, inputs, device) - net.pooled_mean.cpu()) / net.pooled_scale.cpu()).double()
+    if vectors is None:
+        vectors = pooled_vectors(net, features, inputs, device)
+    z = ((vectors - net.pooled_mean.cpu()) / net.pooled_scale.cpu()).double()
     c = 1.0 / (2.0 * float(l2) * len(y)) if l2 else np.inf
     model = LogisticRegression(C=c, class_weight="balanced" if balanced else None, max_iter=int(max_iter))
     with warnings.catch_warnings(record=True) as caught:
@@ -278,12 +281,15 @@ class HeadWarmup:
                if self.val_dataset is not None else (None, None, None))
         t1 = time.perf_counter()
         net = unwrap(self.network)
+        vectors = None
         if self.standardize and getattr(net, "region_pooling", False):
-            net.set_standardization(pooled_vectors(net, features, inputs, self.device, self.batch_size),
-                                    learned_scale=self.learned_scale)
+            # swin.out is not trained before the logistic fit, so the scaler's vectors are its input too
+            vectors = pooled_vectors(net, features, inputs, self.device, self.batch_size)
+            net.set_standardization(vectors, learned_scale=self.learned_scale)
         if self.solver == "logistic":
             self.curve = fit_head_logistic(self.network, features, labels, inputs, self.l2, self.balanced, self.steps,
-                                           self.device, val_features=val[0], val_labels=val[2], val_inputs=val[1])
+                                           self.device, val_features=val[0], val_labels=val[2], val_inputs=val[1],
+                                           vectors=vectors)
         else:
             self.curve = train_head(self.network, features, labels, self.steps, self.learning_rate, self.batch_size,
                                     self.balanced, self.weight_decay, self.device, self.seed, self.log_interval,
