@@ -37,18 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.cox import CoxResult, fit_cox_with_fallback, parse_reference, variable_p_values
 from analysis.io import save_figure, write_csv, write_json
-from analysis.survival import (
-    DURATION,
-    EVENT,
-    CoxResult,
-    SurvivalInputError,
-    fit_cox,
-    parse_reference,
-    read_table,
-    split_list,
-    variable_p_values,
-)
+from analysis.survival_table import DURATION, EVENT, SurvivalInputError, read_table, split_list
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +91,11 @@ def build_nomogram(result: CoxResult, times: Sequence[float] = TIMES_MONTHS) -> 
             for v in _nice_ticks(float(x.min()), float(x.max())):
                 c = float(params[var]) * v
                 rows.append({"variable": var, "level": "", "value": v, "contribution": c, "points": (c - lo) * factor})
-    norm_mean = result.fitter._norm_mean  # lifelines centres the linear predictor at these means
-    mean_lp = float((norm_mean[params.index] * params).sum())
+    # lifelines centres the linear predictor at the fitted covariate means; its public
+    # predict_log_partial_hazard gives the centred one, so the offset is the difference
+    X = result.design.drop(columns=[result.duration, result.event])
+    centred = np.asarray(result.fitter.predict_log_partial_hazard(X), float)
+    mean_lp = float(np.mean(contrib.sum(axis=1).to_numpy(float) - centred))
     return Nomogram(cox=result, variables=list(result.variables), scales=pd.DataFrame(rows), point_factor=factor,
                     min_lp=float(contrib.min().sum()), mean_lp=mean_lp,
                     max_points=float(ranges.sum() * factor), times=tuple(float(t) for t in times))
@@ -150,22 +144,18 @@ def _fmt(t: float) -> str:
     return str(int(t)) if float(t).is_integer() else str(t)
 
 
-def plot_nomogram(nomo: Nomogram):
-    """rms-style nomogram: points, one axis per variable, total points, survival axes per time."""
-    import matplotlib.pyplot as plt
-
-    axes_rows = []   # (axis name, [(x position 0-100, label, value)])
-    axes_rows.append(("Points", [(p, f"{p:g}", p) for p in range(0, 101, 10)]))
-    for var in nomo.variables:
-        sc = nomo.scales[nomo.scales["variable"] == var]
-        ticks = [(float(r.points), str(r.level) if r.level != "" else f"{r.value:g}",
-                  r.level if r.level != "" else r.value) for r in sc.itertuples()]
-        axes_rows.append((var, ticks))
-    total_scale = 100.0 / nomo.max_points
+def _axis_rows(nomo: Nomogram) -> list[tuple[str, list[tuple[float, str, object]]]]:
+    """The nomogram's axes top to bottom: (name, [(x position 0-100, label, value), ...])."""
     from matplotlib.ticker import MaxNLocator
 
+    rows = [("Points", [(p, f"{p:g}", p) for p in range(0, 101, 10)])]
+    for var in nomo.variables:
+        sc = nomo.scales[nomo.scales["variable"] == var]
+        rows.append((var, [(float(r.points), str(r.level) if r.level != "" else f"{r.value:g}",
+                            r.level if r.level != "" else r.value) for r in sc.itertuples()]))
+    total_scale = 100.0 / nomo.max_points
     tp_ticks = [t for t in MaxNLocator(nbins=8).tick_values(0, nomo.max_points) if 0 <= t <= nomo.max_points + 1e-9]
-    axes_rows.append(("Total points", [(t * total_scale, f"{t:g}", t) for t in tp_ticks]))
+    rows.append(("Total points", [(t * total_scale, f"{t:g}", t) for t in tp_ticks]))
     for t in nomo.times:
         h0 = baseline_cumhaz(nomo.cox, [t])[0]
         ticks = []
@@ -176,33 +166,58 @@ def plot_nomogram(nomo: Nomogram):
             tp = (lp - nomo.min_lp) * nomo.point_factor
             if 0 <= tp <= nomo.max_points:
                 ticks.append((tp * total_scale, f"{s:g}", s))
-        axes_rows.append((f"{_fmt(t)}-month survival", ticks))
+        rows.append((f"{_fmt(t)}-month survival", ticks))
+    return [(name, sorted(ticks, key=lambda tk: tk[0])) for name, ticks in rows]
 
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(axes_rows) + 0.8))
-    data = []
-    for i, (name, ticks) in enumerate(axes_rows):
+
+def nomogram_axes(nomo: Nomogram) -> pd.DataFrame:
+    """The data behind :func:`plot_nomogram`: axis, label, value, x_position (0-100) of every tick,
+    axes top to bottom, ticks left to right. A survival axis wholly outside the patients' total
+    points has no row."""
+    return pd.DataFrame([{"axis": name, "label": label, "value": value, "x_position": x}
+                         for name, ticks in _axis_rows(nomo) for x, label, value in ticks],
+                        columns=["axis", "label", "value", "x_position"])
+
+
+def plot_nomogram(nomo: Nomogram, ax=None):
+    """rms-style nomogram: points, one axis per variable, total points, survival axes per time.
+
+    Args:
+        nomo: :func:`build_nomogram`'s result; the ticks drawn are :func:`nomogram_axes`'.
+        ax: Axes to draw on; None draws on a new figure sized to the number of axes.
+
+    Returns:
+        the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = _axis_rows(nomo)
+    own = ax is None
+    if own:
+        _, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 0.8))
+    for i, (name, ticks) in enumerate(rows):
         y = -i
         ax.text(-3, y, name, ha="right", va="center", fontsize=8)
         if ticks:
             xs = [x for x, _, _ in ticks]
             ax.plot([min(xs), max(xs)], [y, y], color="0.2", lw=1)
             last_x = -math.inf
-            for x, label, value in sorted(ticks, key=lambda tk: tk[0]):
+            for x, label, _ in ticks:
                 ax.plot([x, x], [y, y + 0.12], color="0.2", lw=1)
                 # labels of close ticks (categorical levels with similar effects) go below the line
                 below = x - last_x < 5
                 ax.text(x, y - 0.12 if below else y + 0.18, label, ha="center", va="top" if below else "bottom",
                         fontsize=6)
                 last_x = x if not below else last_x
-                data.append({"axis": name, "label": label, "value": value, "x_position": x})
         else:
             ax.text(0, y, "(outside the range of the data)", va="center", fontsize=6, color="0.4")
     ax.set_xlim(-35, 105)
-    ax.set_ylim(-len(axes_rows) + 0.5, 0.8)
+    ax.set_ylim(-len(rows) + 0.5, 0.8)
     ax.axis("off")
     ax.set_title("Nomogram (Cox model): total points -> predicted overall survival", fontsize=9)
-    fig.tight_layout()
-    return fig, pd.DataFrame(data)
+    if own:
+        ax.figure.tight_layout()
+    return ax
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -274,10 +289,23 @@ def calibration(result: CoxResult, horizon: float = HORIZON_MONTHS, groups: int 
     return table, info
 
 
-def plot_calibration(table: pd.DataFrame, horizon: float):
+def plot_calibration(table: pd.DataFrame, horizon: float, ax=None):
+    """Predicted against observed (Kaplan-Meier) survival at ``horizon`` per group, apparent and
+    bootstrap-corrected, with the ideal diagonal.
+
+    Args:
+        table: :func:`calibration`'s table.
+        horizon: months of the predicted survival (axis labels).
+        ax: Axes to draw on; None draws on a new 5 x 5 inch figure.
+
+    Returns:
+        the Axes.
+    """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    own = ax is None
+    if own:
+        _, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", lw=1, label="ideal")
     ax.plot(table["predicted_survival"], table["observed_km_survival"], "o-", color="tab:blue", label="apparent")
     ax.plot(table["predicted_survival"], table["corrected_observed_survival"], "s-", color="tab:red",
@@ -288,8 +316,9 @@ def plot_calibration(table: pd.DataFrame, horizon: float):
     ax.set_ylabel(f"Observed {_fmt(horizon)}-month survival (Kaplan-Meier)", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title(f"Calibration at {_fmt(horizon)} months", fontsize=9)
-    fig.tight_layout()
-    return fig
+    if own:
+        ax.figure.tight_layout()
+    return ax
 
 
 def decision_curve(risk: np.ndarray, durations, events, horizon: float = HORIZON_MONTHS,
@@ -315,10 +344,22 @@ def decision_curve(risk: np.ndarray, durations, events, horizon: float = HORIZON
     return pd.DataFrame(rows)
 
 
-def plot_decision_curve(table: pd.DataFrame, horizon: float):
+def plot_decision_curve(table: pd.DataFrame, horizon: float, ax=None):
+    """Net benefit against threshold probability: the model, treat all and treat none.
+
+    Args:
+        table: :func:`decision_curve`'s table.
+        horizon: months of the predicted mortality (axis label).
+        ax: Axes to draw on; None draws on a new 6 x 4.5 inch figure.
+
+    Returns:
+        the Axes.
+    """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    own = ax is None
+    if own:
+        _, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot(table["threshold"], table["net_benefit_model"], color="tab:red", label="Cox model")
     ax.plot(table["threshold"], table["net_benefit_treat_all"], color="0.4", label="treat all")
     ax.plot(table["threshold"], table["net_benefit_treat_none"], color="0.1", linestyle="--", label="treat none")
@@ -328,8 +369,9 @@ def plot_decision_curve(table: pd.DataFrame, horizon: float):
     ax.set_ylabel("Net benefit", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title(f"Decision curve at {_fmt(horizon)} months", fontsize=9)
-    fig.tight_layout()
-    return fig
+    if own:
+        ax.figure.tight_layout()
+    return ax
 
 
 # --------------------------------------------------------------------------------- assembly
@@ -337,13 +379,11 @@ class NoSignificantVariableError(SurvivalInputError):
     """No covariate reaches the selection threshold: the caller chooses the variables instead."""
 
 
-def select_variables(df: pd.DataFrame, duration: str, event: str, covariates: Sequence[str],
-                     categorical: Sequence[str] = (), reference: dict | None = None, penalizer: float = 0.0,
-                     alpha: float = ALPHA) -> tuple[list, dict]:
-    """Variables whose joint Wald p in the full model is below ``alpha`` (Appendix 9)."""
-    full = fit_cox(df, duration, event, covariates, categorical, reference, penalizer, cv_folds=0)
+def select_variables(full: CoxResult, alpha: float = ALPHA) -> tuple[list, dict]:
+    """Variables whose joint Wald p in the full model ``full`` is below ``alpha`` (Appendix 9), in the
+    model's order, and every variable's p."""
     pvals = variable_p_values(full)
-    chosen = [v for v in covariates if pvals[v] < alpha]
+    chosen = [v for v in full.variables if pvals[v] < alpha]
     if not chosen:
         raise NoSignificantVariableError(
             f"no covariate has p < {alpha} in the full Cox model (p: "
@@ -365,9 +405,15 @@ def nomogram(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, cov
              categorical: Sequence[str] = (), reference: dict | None = None, penalizer: float = 0.0,
              variables: Sequence[str] | None = None, alpha: float = ALPHA, times: Sequence[float] = TIMES_MONTHS,
              horizon: float = HORIZON_MONTHS, cutoff: float = CUTOFF, n_boot: int = 200, groups: int = 4,
-             seed: int = 0, out: str | Path | None = None) -> NomogramResult:
+             seed: int = 0, out: str | Path | None = None,
+             fallback_penalizer: float | None = None) -> NomogramResult:
     """Select variables, fit the final Cox model, build the nomogram, score every patient, calibrate
-    (``n_boot`` resamples; 0 skips it) and draw the decision curve; with ``out`` write it all there."""
+    (``n_boot`` resamples; 0 skips it) and draw the decision curve; with ``out`` write it all there.
+
+    With ``fallback_penalizer`` (the study passes ``analysis.cox.FALLBACK_PENALIZER``) a Cox fit that
+    does not converge is refitted once with that ridge penalty (:func:`analysis.cox.fit_cox_with_fallback`);
+    the final model keeps the penalty the full model needed, and summary.json records the one fitted.
+    """
     if not 0 < cutoff < 1:
         raise SurvivalInputError(f"cutoff {cutoff}: expected a probability in (0, 1)")
     covariates = list(covariates)
@@ -375,12 +421,16 @@ def nomogram(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, cov
         unknown = [v for v in variables if v not in df]
         if unknown:
             raise SurvivalInputError(f"--variables {unknown}: not columns of the table")
-        chosen, pvals = list(variables), {}
+        chosen, pvals, note = list(variables), {}, ""
     else:
-        chosen, pvals = select_variables(df, duration, event, covariates, categorical, reference, penalizer, alpha)
+        full = fit_cox_with_fallback(df, duration, event, covariates, categorical, reference, penalizer,
+                                     fallback_penalizer=fallback_penalizer, cv_folds=0)
+        chosen, pvals = select_variables(full, alpha)
+        penalizer, note = full.penalizer, full.penalizer_note
     cats = [c for c in categorical if c in chosen]
     refs = {k: v for k, v in (reference or {}).items() if k in chosen}
-    final = fit_cox(df, duration, event, chosen, cats, refs, penalizer, cv_folds=0)
+    final = fit_cox_with_fallback(df, duration, event, chosen, cats, refs, penalizer,
+                                  fallback_penalizer=fallback_penalizer, cv_folds=0)
     max_t = float(final.design[duration].max())
     if horizon > max_t:
         log.warning("horizon %g months is beyond the longest follow-up (%g): the baseline hazard is carried "
@@ -391,7 +441,8 @@ def nomogram(df: pd.DataFrame, duration: str = DURATION, event: str = EVENT, cov
     info = {"variables": chosen, "cutoff": float(cutoff), "n_high_risk": int(pts["high_risk"].sum()),
             "horizon_months": float(horizon), "times_months": list(nomo.times), "n": len(pts),
             "selection": "given" if variables else f"joint Wald p < {alpha} in the full model",
-            "selection_p": pvals, "concordance": final.concordance}
+            "selection_p": pvals, "concordance": final.concordance, "penalizer": final.penalizer,
+            "penalizer_note": final.penalizer_note or note}
     cal = None
     if n_boot > 0:
         cal, info["calibration"] = calibration(final, horizon, groups, n_boot, seed)
@@ -406,16 +457,15 @@ def write_nomogram(result: NomogramResult, out: str | Path) -> None:
     out = Path(out)
     nomo, horizon = result.nomogram, result.summary["horizon_months"]
     h = _fmt(horizon)
-    fig, data = plot_nomogram(nomo)
-    save_figure(out / "figures" / "nomogram.png", fig, data=data)
+    save_figure(out / "figures" / "nomogram.png", plot_nomogram(nomo).figure, data=nomogram_axes(nomo))
     write_csv(out / "tables" / "nomogram_patients.csv", result.patients)
     write_csv(out / "tables" / "nomogram_cox_summary.csv", nomo.cox.summary)
     write_csv(out / "tables" / "nomogram_points.csv", nomo.scales)
     if result.calibration is not None:
-        save_figure(out / "figures" / f"calibration_{h}m.png", plot_calibration(result.calibration, horizon),
+        save_figure(out / "figures" / f"calibration_{h}m.png", plot_calibration(result.calibration, horizon).figure,
                     data=result.calibration)
-    save_figure(out / "figures" / f"decision_curve_{h}m.png", plot_decision_curve(result.decision_curve, horizon),
-                data=result.decision_curve)
+    save_figure(out / "figures" / f"decision_curve_{h}m.png",
+                plot_decision_curve(result.decision_curve, horizon).figure, data=result.decision_curve)
     write_json(out / "summary.json", result.summary)
 
 
@@ -474,12 +524,17 @@ __all__ = [
     "NoSignificantVariableError",
     "Nomogram",
     "NomogramResult",
+    "baseline_cumhaz",
     "build_nomogram",
     "calibration",
     "decision_curve",
     "nomogram",
+    "nomogram_axes",
     "nomogram_cli",
     "patient_points",
+    "plot_calibration",
+    "plot_decision_curve",
+    "plot_nomogram",
     "select_variables",
     "survival_from_points",
     "write_nomogram",

@@ -584,7 +584,7 @@ def _risk_groups(ctx: StudyContext) -> pd.DataFrame:
 
 
 def _km(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.survival import km_grid
+    from analysis.km import km_grid
 
     groups = _risk_groups(ctx)
     table = _cox_table(ctx, groups)
@@ -606,77 +606,35 @@ def _cox_table(ctx: StudyContext, groups: pd.DataFrame | None = None) -> pd.Data
 
 
 def _cox(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.survival import write_cox_outputs
+    from analysis.cox import FALLBACK_PENALIZER, fit_cox_with_fallback, paper_covariates, write_cox_outputs
 
     table = _cox_table(ctx)
     io.write_csv(staging / "tables" / "cox_input.csv", table)
-    covariates, categorical = _cox_covariates(table)
-    result = _fit_cox_or_penalise(table, covariates, categorical, ctx.settings["cox_penalizer"])
+    covariates, categorical = paper_covariates(table)
+    # a refit with a ridge penalty is logged and recorded in summary.json (penalizer, penalizer_note)
+    result = fit_cox_with_fallback(table, duration="os_months", event="death", covariates=covariates,
+                                   categorical=categorical, penalizer=ctx.settings["cox_penalizer"],
+                                   fallback_penalizer=FALLBACK_PENALIZER)
     write_cox_outputs(result, staging)
     bar.update(1)
     summary = json.loads((staging / "summary.json").read_text())
     return {"concordance": summary.get("concordance"), "cv_concordance": summary.get("cv_concordance")}
 
 
-def _fit_cox_or_penalise(table: pd.DataFrame, covariates: list[str], categorical: list[str], penalizer: float):
-    """Fit as configured; on separation or non-convergence refit once with a ridge penalty of 0.1.
-
-    Small cohorts (and the synthetic one, where every complete responder survives) separate; the
-    refit is logged and its penalizer is recorded in cox/summary.json.
-    """
-    from analysis.survival import CoxConvergenceError, fit_cox
-
-    try:
-        return fit_cox(table, duration="os_months", event="death", covariates=covariates,
-                       categorical=categorical, penalizer=penalizer)
-    except CoxConvergenceError as exc:
-        if penalizer >= 0.1:
-            raise
-        log.warning("Cox model without penalty failed (%s); refitting with penalizer 0.1", str(exc).splitlines()[0])
-        return fit_cox(table, duration="os_months", event="death", covariates=covariates,
-                       categorical=categorical, penalizer=0.1)
-
-
-def _cox_covariates(table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """The paper's multivariable model: DL class, age, sex, sorafenib, mRECIST, radiomic score."""
-    covariates = []
-    for c in ("dl_class", "age", "sex", "sorafenib", "mrecist", "radiomic_score"):
-        if c not in table or table[c].notna().sum() == 0:
-            log.warning("Cox/nomogram: covariate %s left out: no values", c)
-        elif table[c].nunique(dropna=True) < 2:
-            # e.g. an undertrained network predicting one class for everyone: no contrast to estimate
-            log.warning("Cox/nomogram: covariate %s left out: one value (%s) for every patient", c,
-                        table[c].dropna().iloc[0])
-        else:
-            covariates.append(c)
-    categorical = [c for c in ("dl_class", "sex", "mrecist") if c in covariates]
-    return covariates, categorical
-
-
 def _nomogram(ctx: StudyContext, staging: Path, bar) -> dict:
+    from analysis.cox import FALLBACK_PENALIZER, paper_covariates
     from analysis.nomogram import NoSignificantVariableError, nomogram
-    from analysis.survival import CoxConvergenceError
 
     table = _cox_table(ctx)
-    covariates, categorical = _cox_covariates(table)
-
-    penalizer = ctx.settings["cox_penalizer"]
+    covariates, categorical = paper_covariates(table)
+    model = dict(duration="os_months", event="death", covariates=covariates, categorical=categorical,
+                 penalizer=ctx.settings["cox_penalizer"], fallback_penalizer=FALLBACK_PENALIZER, out=staging)
     try:
-        try:
-            nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-                     penalizer=penalizer, out=staging)
-        except NoSignificantVariableError as exc:
-            # Appendix 11 draws the nomogram on all six variables; use them when none is significant
-            log.warning("nomogram: %s; using the paper's Appendix 11 variables %s", exc, covariates)
-            nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-                     penalizer=penalizer, variables=covariates, out=staging)
-    except CoxConvergenceError as exc:
-        if penalizer >= 0.1:
-            raise
-        log.warning("nomogram Cox fit without penalty failed (%s); refitting with penalizer 0.1",
-                    str(exc).splitlines()[0])
-        nomogram(table, duration="os_months", event="death", covariates=covariates, categorical=categorical,
-                 penalizer=0.1, out=staging)
+        nomogram(table, **model)
+    except NoSignificantVariableError as exc:
+        # Appendix 11 draws the nomogram on all six variables; use them when none is significant
+        log.warning("nomogram: %s; using the paper's Appendix 11 variables %s", exc, covariates)
+        nomogram(table, variables=covariates, **model)
     bar.update(1)
     summary = json.loads((staging / "summary.json").read_text())
     return {"n_high_risk": summary.get("n_high_risk")}

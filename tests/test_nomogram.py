@@ -9,17 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.cox import FALLBACK_PENALIZER, CoxConvergenceError, fit_cox
 from analysis.nomogram import (
     NoSignificantVariableError,
     build_nomogram,
     calibration,
     decision_curve,
     nomogram,
+    nomogram_axes,
     nomogram_cli,
     patient_points,
     survival_from_points,
 )
-from analysis.survival import SurvivalInputError, fit_cox
+from analysis.survival_table import SurvivalInputError
 
 ROSSI_COVARIATES = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
 
@@ -163,3 +165,52 @@ def test_nomogram_cli_unknown_variable(tmp_path, rossi):
         nomogram_cli(str(tmp_path / "t.csv"), str(tmp_path / "o"), "age", duration="week", event="arrest",
                      variables="tumour")
     assert not (tmp_path / "o").exists()
+
+
+def test_nomogram_axes_are_the_figures_ticks(nomo):
+    axes = nomogram_axes(nomo)
+    names = list(dict.fromkeys(axes["axis"]))
+    assert names[:5] == ["Points", "fin", "age", "cls", "Total points"]
+    points = axes[axes["axis"] == "Points"]
+    assert list(points["value"]) == list(points["x_position"]) == list(range(0, 101, 10))
+    # each survival axis: labels decrease left to right (more points, lower survival), all inside 0-100
+    for t in (12, 26, 52):
+        s = axes[axes["axis"] == f"{t}-month survival"]
+        assert s["value"].is_monotonic_decreasing and s["x_position"].between(0, 100).all()
+    # a categorical level's tick sits at its points from the scale
+    cls = nomogram_axes(nomo).query("axis == 'cls'").set_index("label")["x_position"]
+    scale = nomo.scales[nomo.scales["variable"] == "cls"].set_index("level")["points"]
+    for level, pts in scale.items():
+        assert cls[str(level)] == pytest.approx(pts)
+
+
+def _separated(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """marker = death and the deaths come first: an unpenalised Cox fit runs off to infinity."""
+    rng = np.random.default_rng(seed)
+    d = pd.DataFrame({"patient_id": [f"P{i:02d}" for i in range(n)], "os_months": rng.uniform(1, 60, n).round(1),
+                      "death": rng.integers(0, 2, n), "age": rng.normal(65, 10, n).round()})
+    d["marker"] = d["death"].astype(float)
+    d.loc[d["death"] == 1, "os_months"] /= 10
+    return d
+
+
+def test_nomogram_uses_the_one_penalty_fallback(tmp_path):
+    d = _separated()
+    with pytest.raises(CoxConvergenceError):
+        nomogram(d, covariates=["age", "marker"], n_boot=0)
+    # the full model needs the penalty: selection and the final model both use 0.1, recorded in summary.json
+    res = nomogram(d, covariates=["age", "marker"], n_boot=0, fallback_penalizer=FALLBACK_PENALIZER,
+                   out=tmp_path / "selected")
+    assert res.nomogram.cox.penalizer == 0.1 and "marker" in res.summary["variables"]
+    summary = json.loads((tmp_path / "selected" / "summary.json").read_text())
+    assert summary["penalizer"] == 0.1 and "did not converge" in summary["penalizer_note"]
+    # with the variables given, only the final model is fitted, and it falls back the same way
+    given = nomogram(d, covariates=["age", "marker"], variables=["age", "marker"], n_boot=0,
+                     fallback_penalizer=FALLBACK_PENALIZER)
+    assert given.summary["penalizer"] == 0.1 and given.summary["variables"] == ["age", "marker"]
+    direct = fit_cox(d, covariates=["age", "marker"], penalizer=0.1, cv_folds=0)
+    pd.testing.assert_frame_equal(given.nomogram.cox.summary, direct.summary)
+    # a model that converges keeps its penalty and has no note
+    plain = nomogram(d, covariates=["age", "marker"], variables=["age"], n_boot=0,
+                     fallback_penalizer=FALLBACK_PENALIZER).summary
+    assert plain["penalizer"] == 0.0 and plain["penalizer_note"] == ""
