@@ -443,18 +443,15 @@ def compare_with_dl(preds: dict[str, pd.DataFrame], dl: pd.DataFrame, n_boot: in
 
 
 # --------------------------------------------------------------------------------- figures
-def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
-    """One panel per model (Fig. 5): the four one-vs-rest ROC curves with their AUCs."""
-    import matplotlib.pyplot as plt
+# Each figure comes with a pure function giving the table it shows (saved beside the PNG by
+# analysis.io.save_figure); the plot functions draw and return the Axes / Figure, never a file.
+def roc_points(preds: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """model, class, fpr, tpr, auc: every model's one-vs-rest ROC curve per class (a class absent
+    from a model's labels has no curve)."""
     from sklearn.metrics import roc_curve
 
-    names = list(preds)
-    ncol = min(3, len(names))
-    nrow = int(np.ceil(len(names) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4 * nrow), squeeze=False)
     rows = []
-    for ax, name in zip(axes.ravel(), names):
-        pr = preds[name]
+    for name, pr in preds.items():
         y = pr["label"].to_numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", metrics.AbsentClassWarning)
@@ -463,10 +460,40 @@ def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
             if not np.isfinite(aucs[k]):
                 continue
             fpr, tpr, _ = roc_curve((y == k).astype(int), pr[f"prob_{k}"])
-            ax.plot(fpr, tpr, label=f"class {k} (AUC {aucs[k]:.2f})")
             rows += [{"model": name, "class": k, "fpr": a, "tpr": b, "auc": aucs[k]} for a, b in zip(fpr, tpr)]
+    return pd.DataFrame(rows, columns=["model", "class", "fpr", "tpr", "auc"])
+
+
+def plot_roc(preds: dict[str, pd.DataFrame], title: str = "", fig=None):
+    """One panel per model (Fig. 5): the four one-vs-rest ROC curves with their AUCs.
+
+    Args:
+        preds: model name -> predictions (label, prob_0..prob_3); the curves are :func:`roc_points`'.
+        title: the figure's title.
+        fig: Figure to draw the panels into; None makes one, up to three panels a row.
+
+    Returns:
+        the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    names = list(preds)
+    points = roc_points(preds)
+    ncol = min(3, len(names))
+    nrow = int(np.ceil(len(names) / ncol))
+    own = fig is None
+    if own:
+        fig = plt.figure(figsize=(4.2 * ncol, 4 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        curves = points[points["model"] == name]
+        aucs = []
+        for k, curve in curves.groupby("class", sort=True):
+            auc = float(curve["auc"].iloc[0])
+            aucs.append(auc)
+            ax.plot(curve["fpr"], curve["tpr"], label=f"class {k} (AUC {auc:.2f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        macro = np.nanmean(aucs) if np.isfinite(aucs).any() else np.nan
+        macro = float(np.mean(aucs)) if aucs else np.nan
         ax.set_title(f"{DISPLAY_NAMES.get(name, name)}: macro AUC {macro:.2f}", fontsize=10)
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
@@ -474,15 +501,14 @@ def plot_roc(preds: dict[str, pd.DataFrame], path, title: str) -> pd.DataFrame:
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    data = pd.DataFrame(rows, columns=["model", "class", "fpr", "tpr", "auc"])
-    save_figure(path, fig, data=data)
-    return data
+    if own:
+        fig.tight_layout()
+    return fig
 
 
-def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
-    """3-D scatter of the first three principal components of the selected features, by class."""
-    import matplotlib.pyplot as plt
+def pca_components(X: pd.DataFrame, y: pd.Series) -> tuple[pd.DataFrame, list[float]]:
+    """(patient_id, risk_class, pc1, pc2, pc3 per patient; explained variance ratio of each PC) of
+    the standardised features (median-imputed); PCs beyond the data's rank are 0."""
     from sklearn.decomposition import PCA
 
     Z = StandardScaler().fit_transform(SimpleImputer(strategy="median").fit_transform(X))
@@ -492,27 +518,54 @@ def plot_pca(X: pd.DataFrame, y: pd.Series, path) -> pd.DataFrame:
     pcs[:, :k] = pca.transform(Z)
     data = pd.DataFrame({"patient_id": X.index, "risk_class": y.to_numpy(),
                          "pc1": pcs[:, 0], "pc2": pcs[:, 1], "pc3": pcs[:, 2]})
-    fig = plt.figure(figsize=(6, 5))
-    ax = fig.add_subplot(projection="3d")
+    return data, [float(v) for v in pca.explained_variance_ratio_] + [0.0] * (3 - k)
+
+
+def plot_pca(X: pd.DataFrame, y: pd.Series, ax=None):
+    """3-D scatter of the first three principal components of the selected features, by class.
+
+    Args:
+        X: the selected features, one row per patient (index patient_id).
+        y: each patient's risk class; the points are :func:`pca_components`'.
+        ax: a 3-D Axes (projection="3d") to draw on; None draws on a new figure.
+
+    Returns:
+        the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    data, var = pca_components(X, y)
+    if ax is None:
+        ax = plt.figure(figsize=(6, 5)).add_subplot(projection="3d")
     for c in sorted(data["risk_class"].unique()):
         d = data[data["risk_class"] == c]
         ax.scatter(d["pc1"], d["pc2"], d["pc3"], label=f"class {c}", s=18)
-    var = list(pca.explained_variance_ratio_) + [0.0] * (3 - k)
     ax.set_xlabel(f"PC1 ({var[0]:.0%})")
     ax.set_ylabel(f"PC2 ({var[1]:.0%})")
     ax.set_zlabel(f"PC3 ({var[2]:.0%})")
     ax.set_title(f"PCA of the {X.shape[1]} selected radiomic features")
     ax.legend(fontsize=8)
-    save_figure(path, fig, data=data)
-    return data
+    return ax
 
 
-def plot_confusion(conf: pd.DataFrame, path, title: str) -> pd.DataFrame:
-    """One confusion matrix per model (Fig. 5): rows true class, columns predicted class."""
+def plot_confusion(conf: pd.DataFrame, title: str = "", fig=None):
+    """One confusion matrix per model (Fig. 5): rows true class, columns predicted class.
+
+    Args:
+        conf: model, true_class, pred_0..pred_3 (the table :func:`evaluate_models` gives per design).
+        title: the figure's title.
+        fig: Figure to draw the panels into; None makes one, one panel per model in a row.
+
+    Returns:
+        the Figure.
+    """
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(conf["model"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    own = fig is None
+    if own:
+        fig = plt.figure(figsize=(3.2 * len(names), 3.2))
+    axes = fig.subplots(1, len(names), squeeze=False)
     pred_cols = [f"pred_{k}" for k in range(NUM_CLASSES)]
     for ax, name in zip(axes.ravel(), names):
         m = conf[conf["model"] == name].sort_values("true_class")[pred_cols].to_numpy()
@@ -527,26 +580,39 @@ def plot_confusion(conf: pd.DataFrame, path, title: str) -> pd.DataFrame:
         ax.set_ylabel("true class")
         ax.set_title(DISPLAY_NAMES.get(name, name), fontsize=10)
     fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(path, fig, data=conf)
-    return conf
+    if own:
+        fig.tight_layout()
+    return fig
 
 
 MAX_HEATMAP_FEATURES = 40
 
 
-def plot_correlation(X: pd.DataFrame, path, max_features: int = MAX_HEATMAP_FEATURES) -> pd.DataFrame:
+def feature_correlation(X: pd.DataFrame, max_features: int = MAX_HEATMAP_FEATURES) -> pd.DataFrame:
+    """Pearson correlation of the first ``max_features`` columns of ``X`` (a constant column's r
+    is 0), as a table with a leading ``feature`` column."""
+    return X.iloc[:, :max_features].corr(method="pearson").fillna(0.0).reset_index(names="feature")
+
+
+def plot_correlation(X: pd.DataFrame, max_features: int = MAX_HEATMAP_FEATURES, ax=None):
     """Pearson correlation heatmap of the LASSO-selected features (Appendix 8, panel C).
 
-    ``X`` columns in importance order; only the first ``max_features`` are drawn (a readable
-    figure; the paper shows 8), the title says how many were left out.
+    Args:
+        X: the features, columns in importance order; the matrix drawn is :func:`feature_correlation`'s.
+        max_features: only the first this many are drawn (a readable figure; the paper shows 8); the
+            title says how many were left out.
+        ax: Axes to draw on; None draws on a new figure sized to the number of features.
+
+    Returns:
+        the Axes.
     """
     import matplotlib.pyplot as plt
 
-    left_out = max(0, X.shape[1] - max_features)
-    corr = X.iloc[:, :max_features].corr(method="pearson").fillna(0.0)
+    corr = feature_correlation(X, max_features).set_index("feature")
     n = len(corr)
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
+    own = ax is None
+    if own:
+        _, ax = plt.subplots(figsize=(max(5, 0.45 * n + 3), max(4, 0.45 * n + 2)))
     im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap="coolwarm")
     ax.set_xticks(range(n), corr.columns, rotation=90, fontsize=6)
     ax.set_yticks(range(n), corr.index, fontsize=6)
@@ -554,13 +620,13 @@ def plot_correlation(X: pd.DataFrame, path, max_features: int = MAX_HEATMAP_FEAT
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, f"{corr.iat[i, j]:.2f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax, label="Pearson r")
+    ax.figure.colorbar(im, ax=ax, label="Pearson r")
+    left_out = max(0, X.shape[1] - max_features)
     more = f" (top {max_features} of {X.shape[1]} by |coefficient|)" if left_out else ""
     ax.set_title(f"Correlation of LASSO-selected features{more}")
-    fig.tight_layout()
-    data = corr.reset_index(names="feature")
-    save_figure(path, fig, data=data)
-    return data
+    if own:
+        ax.figure.tight_layout()
+    return ax
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -696,9 +762,11 @@ def classify(features, clinical, out, dl_predictions=None, design: str = "both",
         if d in res["dl_predictions"]:
             panels = {"dl": res["dl_predictions"][d], **panels}
         what = "4-fold cross-validation, out-of-fold" if d == "cv4" else "stratified 75:25 split, test set"
-        plot_roc(panels, out / "figures" / f"roc_{d}.png", f"One-vs-rest ROC per class ({what})")
+        save_figure(out / "figures" / f"roc_{d}.png", plot_roc(panels, f"One-vs-rest ROC per class ({what})"),
+                    data=roc_points(panels))
         conf = res["confusion"][res["confusion"]["design"] == d].drop(columns="design")
-        plot_confusion(conf, out / "figures" / f"confusion_{d}.png", f"Confusion matrices ({what})")
+        save_figure(out / "figures" / f"confusion_{d}.png", plot_confusion(conf, f"Confusion matrices ({what})"),
+                    data=conf)
     write_csv(out / "tables" / "metrics.csv", res["metrics"])
     write_csv(out / "tables" / "confusion.csv", res["confusion"])
     write_csv(out / "tables" / "selected_features.csv", res["selection"]["table"])
@@ -707,8 +775,11 @@ def classify(features, clinical, out, dl_predictions=None, design: str = "both",
     if res["dl_comparison"]:
         write_csv(out / "tables" / "dl_comparison.csv", pd.concat(res["dl_comparison"].values(), ignore_index=True))
     X, y = res["X"], res["y"]
-    plot_pca(X[res["selection"]["selected"]], y, out / "figures" / "pca_3d.png")
-    plot_correlation(X[res["selection"]["lasso_features"]], out / "figures" / "correlation_heatmap.png")
+    selected = X[res["selection"]["selected"]]
+    save_figure(out / "figures" / "pca_3d.png", plot_pca(selected, y).figure, data=pca_components(selected, y)[0])
+    lasso = X[res["selection"]["lasso_features"]]
+    save_figure(out / "figures" / "correlation_heatmap.png", plot_correlation(lasso).figure,
+                data=feature_correlation(lasso))
     write_csv(out / "radiomic_score.csv", res["radiomic_score"])
     write_json(out / "summary.json", res["summary"])
     return res

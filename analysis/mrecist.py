@@ -82,6 +82,8 @@ __all__ = [
     "measure_patient",
     "mrecist_cli",
     "mrecist_from_masks",
+    "plot_waterfall",
+    "waterfall_data",
 ]
 
 #: response categories, best first
@@ -456,25 +458,42 @@ def mrecist_from_masks(cohort: str | Path, masks: str | Path | None = None, k: f
     return table[[c for c in _ORDER if c in table] + [c for c in table if c not in _ORDER]]
 
 
-def waterfall_figure(table: pd.DataFrame):
-    """Best % change of the viable sum from baseline per patient (bars coloured by best response)."""
-    import matplotlib.pyplot as plt
-
+def waterfall_data(table: pd.DataFrame) -> pd.DataFrame:
+    """patient_id, best_change_pct (the smallest follow-up viable sum against baseline, %),
+    best_response; largest change first, patients without a baseline or follow-up sum left out."""
     s0 = pd.to_numeric(table["sum_mm_t0"], errors="coerce")
     follow = table[[c for c in ("sum_mm_t1", "sum_mm_t2") if c in table]].apply(pd.to_numeric, errors="coerce")
     change = follow.min(axis=1).sub(s0).div(s0).mul(100)
     data = pd.DataFrame({"patient_id": table["patient_id"], "best_change_pct": change,
                          "best_response": table["best_response"]}).dropna(subset=["best_change_pct"])
-    data = data.sort_values("best_change_pct", ascending=False).reset_index(drop=True)
+    return data.sort_values("best_change_pct", ascending=False).reset_index(drop=True)
+
+
+def plot_waterfall(table: pd.DataFrame, ax=None):
+    """Best % change of the viable sum from baseline per patient (bars coloured by best response),
+    with the -30 % (PR) and +20 % (PD) thresholds dashed.
+
+    Args:
+        table: mrecist.csv's rows (sum_mm_t0, sum_mm_t1, sum_mm_t2, best_response); the bars are
+            :func:`waterfall_data`'s.
+        ax: Axes to draw on; None draws on a new figure sized to the number of patients.
+
+    Returns:
+        the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    data = waterfall_data(table)
     colours = {"CR": "tab:green", "PR": "tab:blue", "SD": "tab:gray", "PD": "tab:red"}
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(data) + 2), 3.5))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(data) + 2), 3.5))
     ax.bar(range(len(data)), data["best_change_pct"], color=[colours.get(r, "k") for r in data["best_response"]])
     ax.axhline(-30, ls="--", c="tab:blue", lw=0.8)
     ax.axhline(20, ls="--", c="tab:red", lw=0.8)
     ax.set_xticks(range(len(data)), data["patient_id"], rotation=90, fontsize=6)
     ax.set_ylabel("best change of viable sum (%)")
     ax.set_title("mRECIST waterfall (dashed: -30 % PR, +20 % PD)")
-    return fig, data
+    return ax
 
 
 def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = "mrecist.csv",
@@ -518,7 +537,7 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
         raise SystemExit(f"mrecist: {exc}") from exc
     write_csv(out, table)
     if figure and len(table):
-        fig, data = waterfall_figure(table)
-        save_figure(Path(out).parent / "figures" / "waterfall.png", fig, data=data)
+        save_figure(Path(out).parent / "figures" / "waterfall.png", plot_waterfall(table).figure,
+                    data=waterfall_data(table))
     counts = table["best_response"].value_counts().reindex([*RESPONSES, "NA"], fill_value=0)
     return f"{out}: " + ", ".join(f"{r} {n}" for r, n in counts.items())

@@ -549,12 +549,11 @@ def _classify(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 def _mrecist(ctx: StudyContext, staging: Path, bar) -> dict:
-    from analysis.mrecist import mrecist_from_masks, waterfall_figure
+    from analysis.mrecist import mrecist_from_masks, plot_waterfall, waterfall_data
 
     frame = mrecist_from_masks(ctx.cohort, ctx.path("masks"))
     io.write_csv(staging / "mrecist.csv", frame)
-    fig, data = waterfall_figure(frame)
-    io.save_figure(staging / "figures" / "waterfall.png", fig, data=data)
+    io.save_figure(staging / "figures" / "waterfall.png", plot_waterfall(frame).figure, data=waterfall_data(frame))
     bar.update(1)
     return {k: int(v) for k, v in frame["best_response"].fillna("NA").value_counts().items()}
 
