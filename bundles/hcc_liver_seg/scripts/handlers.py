@@ -13,6 +13,20 @@ from ignite.engine import Engine, Events
 logger = logging.getLogger("hcc_liver_seg")
 
 
+def attach(engine: Engine, handlers) -> Engine:
+    """Attach ``handlers`` to ``engine`` in the order given, skipping the disabled ones (None).
+
+    For the handlers that hold the engine itself (the resume loader and the checkpoint saver
+    restore and save the trainer's state): listed in the trainer's ``train_handlers`` they would
+    make a reference cycle in the config, so the ``run`` section attaches them, as a ``_target_``
+    item (resolved when the run starts, with the bundle folder on the import path).
+    """
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
+    return engine
+
+
 class StopOnNaNLoss:
     """Stop training at the first non-finite loss and fail the run with a clear error.
 

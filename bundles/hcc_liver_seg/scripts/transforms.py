@@ -30,6 +30,16 @@ def _filename(value) -> str:
     return "<in-memory image>"
 
 
+class Above:
+    """``x > threshold``, as a named, picklable callable for ``select_fn`` (CropForegroundd)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
 class CheckNiftid(MapTransform):
     """Before loading: every path exists, is a readable NIfTI, and holds one 3-D volume.
 
