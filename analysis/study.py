@@ -202,17 +202,15 @@ class BundleProgress:
             self.bar.close()
 
 
-def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path, bar=None,
-               module: str = "monai.bundle", verb: str = "run") -> None:
+def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path, bar=None) -> None:
     """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to
     ``log_file``, and, when ``bar`` is given, a progress bar per training epoch or segmented scan
     read from that output as it comes (:class:`BundleProgress`)."""
     config_files = [str(bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", module] + ([verb] if verb else [])
-    if module == "monai.bundle":
-        cmd += ["--config_file", json.dumps(config_files) if len(config_files) > 1 else config_files[0],
-                "--bundle_root", str(bundle), "--meta_file", str(bundle / "configs" / "metadata.json"),
-                "--logging_file", str(bundle / "configs" / "logging.conf")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run",
+           "--config_file", json.dumps(config_files) if len(config_files) > 1 else config_files[0],
+           "--bundle_root", str(bundle), "--meta_file", str(bundle / "configs" / "metadata.json"),
+           "--logging_file", str(bundle / "configs" / "logging.conf")]
     for k, v in overrides.items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     env = dict(os.environ)
@@ -220,9 +218,9 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
     env["PYTHONUNBUFFERED"] = "1"  # log lines as they happen, for the progress bar
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log.info("running %s", " ".join(cmd))
-    training = module != "monai.bundle" or ("train.json" in configs and "evaluate.json" not in configs)
-    progress = BundleProgress(bar, f"{bundle.name} {' '.join(configs) or module}",
-                              epochs=overrides.get("max_epochs") if training else None,
+    training = "cross_validate.json" in configs or ("train.json" in configs and "evaluate.json" not in configs)
+    epochs = overrides.get("max_epochs", overrides.get("fold_overrides", {}).get("max_epochs"))
+    progress = BundleProgress(bar, f"{bundle.name} {' '.join(configs)}", epochs=epochs if training else None,
                               runs=int(overrides.get("folds", 1)))
     try:
         with open(log_file, "a") as fh:
@@ -435,12 +433,13 @@ def _prognosis(ctx: StudyContext, staging: Path, bar) -> dict:
         return _prognosis_shared(ctx, staging, bar)
     s = ctx.settings
     overrides = bundle_overrides(s, "progswin_prognosis", BUNDLE_IDS["progswin_prognosis"])
-    cmd_overrides = {"bundle_root": str(ctx.prog_bundle), "dataset_dir": str(ctx.cohort),
-                     "datalist": str(ctx.path("datalists", "prognosis.json")), "output_dir": str(staging),
-                     "folds": s["folds"], **overrides, **_tracking(s)}
+    tracking = _tracking(s)
+    cv_overrides = {"dataset_dir": str(ctx.cohort), "datalist": str(ctx.path("datalists", "prognosis.json")),
+                    "output_dir": str(staging), "ckpt_dir": str(staging / "models"), "folds": s["folds"],
+                    "fold_overrides": overrides,
+                    **({"fold_tracking": tracking["tracking"]} if tracking else {})}
     bar.reset(total=1)
-    run_bundle(ctx.prog_bundle, [], cmd_overrides, staging / "cross_validate.log", bar,
-               module="scripts.cross_validate", verb="")
+    run_bundle(ctx.prog_bundle, ["cross_validate.json"], cv_overrides, staging / "cross_validate.log", bar)
     metrics_path = staging / "evaluation" / "metrics.json"
     if not metrics_path.exists():
         raise StageFailure(f"cross-validation finished without {metrics_path}")

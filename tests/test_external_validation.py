@@ -152,7 +152,7 @@ def _recording_study(monkeypatch, tmp_path, stop_at, **settings):
 
     calls = []
 
-    def record(bundle, configs, overrides, log_file, bar=None, **kwargs):
+    def record(bundle, configs, overrides, log_file, bar=None):
         calls.append((bundle.name, tuple(configs), dict(overrides)))
         if len(calls) in stop_at:
             raise _Recorded
@@ -168,7 +168,8 @@ def _recording_study(monkeypatch, tmp_path, stop_at, **settings):
 @pytest.mark.parametrize("tracking, expected", [("mlflow", "mlflow"), ("MLflow", "mlflow"), ("none", None)])
 def test_tracking_reaches_the_training_runs(tmp_path, monkeypatch, tracking, expected):
     """--tracking mlflow is passed on to every bundle training run the study drives (segmentation
-    train and evaluate, prognosis cross-validation); none passes nothing."""
+    train and evaluate, prognosis cross-validation: as fold_tracking, since a plain --tracking on
+    cross_validate.json would track the run that has no trainer); none passes nothing."""
     study, ctx, calls = _recording_study(monkeypatch, tmp_path, stop_at=(2, 3), tracking=tracking)
     with pytest.raises(_Recorded):
         study._segmentation(ctx, tmp_path / "seg", _Bar())
@@ -176,8 +177,9 @@ def test_tracking_reaches_the_training_runs(tmp_path, monkeypatch, tracking, exp
         study._prognosis(ctx, tmp_path / "prog", _Bar())
     assert [(b, c) for b, c, _ in calls] == [("hcc_liver_seg", ("train.json",)),
                                             ("hcc_liver_seg", ("train.json", "evaluate.json")),
-                                            ("progswin_prognosis", ())]
-    assert [o.get("tracking") for _, _, o in calls] == [expected] * 3
+                                            ("progswin_prognosis", ("cross_validate.json",))]
+    assert [o.get("tracking") for _, _, o in calls[:2]] == [expected] * 2
+    assert calls[2][2].get("fold_tracking") == expected and "tracking" not in calls[2][2]
 
 
 def test_tracking_flag_refuses_an_unknown_tracker(tmp_path):
@@ -204,7 +206,9 @@ def test_profile_settings_reach_the_bundle_ids_of_one_table(tmp_path, monkeypatc
     for stage in (study._segmentation, study._prognosis):
         with pytest.raises(_Recorded):
             stage(ctx, tmp_path / stage.__name__, _Bar())
-    (_, _, seg), (_, _, prog) = calls
+    (_, _, seg), (_, _, cv) = calls
+    prog = cv["fold_overrides"]
+    assert cv["ckpt_dir"] == str(tmp_path / "_prognosis" / "models") and cv["folds"] == settings["folds"]
     assert (seg["feature_size"], seg["roi_size"], seg["max_epochs"], seg["use_checkpoint"]) == (24, [96] * 3, 7, True)
     assert seg["device"] == "$torch.device('cpu')" and seg["target_spacing"] == settings["seg_spacing_mm"]
     assert (prog["feature_size"], prog["spatial_size"], prog["max_epochs"], prog["network_def#use_checkpoint"]) == \

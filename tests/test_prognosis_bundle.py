@@ -103,12 +103,13 @@ def cohort(small_cohort, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def cv(cohort, tmp_path_factory) -> dict:
-    """The documented CV command, end to end: 4 folds trained through monai.bundle run."""
+    """The documented CV command, end to end: configs/cross_validate.json through monai.bundle
+    run, which trains the 4 folds through monai.bundle run."""
     out = tmp_path_factory.mktemp("prog_cv")
-    cmd = [sys.executable, "-m", "scripts.cross_validate", "--bundle_root", str(BUNDLE),
-           "--dataset_dir", str(cohort["dir"]), "--output_dir", str(out), "--folds", "4",
-           "--datalist", cohort["datalist"], *_args(TINY_TRAIN)]
-    proc = subprocess.run(cmd, check=False, cwd=out, env=_env(), capture_output=True, text=True, timeout=2400)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/cross_validate.json",
+           "--dataset_dir", str(cohort["dir"]), "--datalist", cohort["datalist"], "--output_dir", str(out),
+           "--ckpt_dir", str(out / "models"), "--folds", "4", "--fold_overrides", json.dumps(TINY_TRAIN)]
+    proc = subprocess.run(cmd, check=False, cwd=BUNDLE, env=_env(), capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "cmd": cmd, "log": proc.stdout + proc.stderr, **cohort}
 
@@ -379,14 +380,40 @@ def test_cross_validation_oof(cv):
 
 @pytest.mark.slow
 def test_cross_validation_resumes_without_retraining(cv):
-    """A second run reuses every fold's best model (newer than the datalist) and only predicts."""
+    """A second run reuses every fold's best model (newer than the datalist) and only predicts;
+    the module's own command line (what the config calls) gives the same out-of-fold CSV."""
     model0 = cv["out"] / "models" / "fold0" / "model.pt"
     before = model0.stat().st_mtime_ns
-    proc = subprocess.run(cv["cmd"], check=False, cwd=cv["out"], env=_env(), capture_output=True, text=True, timeout=1200)
+    first = (cv["out"] / "oof_predictions.csv").read_text()
+    cmd = [sys.executable, "-m", "scripts.cross_validate", "--bundle_root", str(BUNDLE),
+           "--dataset_dir", str(cv["dir"]), "--output_dir", str(cv["out"]), "--folds", "4",
+           "--datalist", cv["datalist"], *_args(TINY_TRAIN)]
+    proc = subprocess.run(cmd, check=False, cwd=cv["out"], env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert model0.stat().st_mtime_ns == before
     assert (proc.stdout + proc.stderr).count("reusing it") == 4
     assert "Epoch: 1/1" not in proc.stdout + proc.stderr
+    assert (cv["out"] / "oof_predictions.csv").read_text() == first
+
+
+def test_cross_validate_config_refuses_bad_values(cohort, tmp_path):
+    """Command-line text reaches the function: 'false' means false, a non-dict fold_overrides
+    and an unknown boolean are errors naming the id, before anything is trained."""
+    _bundle_on_path()
+    from scripts.cross_validate import cross_validate
+
+    common = dict(bundle_root=str(BUNDLE), dataset_dir=str(cohort["dir"]), output_dir=str(tmp_path),
+                  datalist=cohort["datalist"])
+    with pytest.raises(ValueError, match="fold_overrides"):
+        cross_validate(**common, overrides="max_epochs=2")
+    with pytest.raises(ValueError, match="force"):
+        cross_validate(**common, force="sometimes")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        cross_validate(**{**common, "datalist": str(tmp_path / "nope.json")})
+    assert not any(tmp_path.iterdir())
+    p = _parser(["cross_validate.json"], dataset_dir="/data/c", force="false", folds="4")
+    assert p.get_parsed_content("datalist") == "/data/c/datalists/prognosis.json"
+    assert p.get_parsed_content("ckpt_dir") == str(BUNDLE) + "/models"  # where Zoo tooling looks
 
 
 @pytest.mark.slow
@@ -529,6 +556,52 @@ def test_gradcam_is_a_thin_overlay_on_inference():
     assert not delete, "the time points are kept for the montage"
 
 
+def test_train_and_inference_configs_are_thin():
+    """Issue 14: fewer expression lines than the 42 of train.json before, every time point's
+    crop and mask one transform (no t0/t1/t2 copies), no lambda in a config."""
+    for name in ("train.json", "inference.json"):
+        text = (CONFIGS / name).read_text()
+        assert text.count('"image_t1"') == 1 and text.count('"mask_t1"') == 1, name  # the key lists only
+        assert "CropForegroundd" not in text and "MaskIntensityd" not in text, name
+        assert "lambda" not in text, name
+    assert sum('"$' in line for line in (CONFIGS / "train.json").read_text().splitlines()) <= 30
+    # rank logic only in multi_gpu_train.json: the other ranks keep the ValidationHandler (its
+    # metrics are gathered from every rank); logging, curves and savers run on rank 0
+    train = json.loads((CONFIGS / "train.json").read_text())
+    assert "is_main_rank" not in json.dumps(train)
+    assert train["train"]["handlers"][0]["_target_"] == "ValidationHandler"
+    multi = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
+    assert multi["train#trainer#train_handlers"] == "$@train#handlers if @is_main_rank else @train#handlers[:1]"
+
+
+def test_per_timepoint_transforms_equal_monai_per_pair(cohort):
+    """CropEachToMaskd / MaskEachImaged give exactly what one CropForegroundd / MaskIntensityd
+    per (image, mask) pair gives, and refuse unpaired keys."""
+    import torch
+    from monai.transforms import CropForegroundd, MaskIntensityd
+
+    _bundle_on_path()
+    from scripts.transforms import CropEachToMaskd, MaskEachImaged
+
+    g = torch.Generator().manual_seed(0)
+    d = {}
+    for k, (lo, hi) in enumerate([(2, 9), (4, 12), (1, 5)]):
+        mask = torch.zeros(1, 16, 16, 16)
+        mask[:, lo:hi, lo + 1:hi, lo:hi - 1] = 1 + (k % 2)
+        d[f"image_t{k}"], d[f"mask_t{k}"] = torch.rand(1, 16, 16, 16, generator=g), mask
+    images, masks = [f"image_t{k}" for k in range(3)], [f"mask_t{k}" for k in range(3)]
+    got = MaskEachImaged(images, masks)(CropEachToMaskd(images, masks, margin=2)(d))
+    want = dict(d)
+    for i, m in zip(images, masks):
+        want = CropForegroundd(keys=[i, m], source_key=m, margin=2, allow_smaller=True)(want)
+        want = MaskIntensityd(keys=i, mask_key=m)(want)
+    for key in images + masks:
+        torch.testing.assert_close(torch.as_tensor(got[key]), torch.as_tensor(want[key]))
+    assert got["image_t0"].shape[1:] == (11, 10, 10) and got["image_t1"].shape[1:] == (12, 11, 11)
+    with pytest.raises(ValueError, match="one mask per image"):
+        CropEachToMaskd(images, masks[:2])
+
+
 def test_metadata_valid_and_bundle_self_contained():
     import jsonschema
 
@@ -570,3 +643,41 @@ def test_verify_net_in_out_and_traced_export(cv, tmp_path):
     x = torch.randn(2, 3, 64, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(traced(x), net(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_share_model_puts_a_fold_model_where_zoo_tooling_finds_it(cv, tmp_path):
+    """configs/share_model.json copies a fold model to <bundle>/models/model.pt after loading it
+    strictly into network_def; ckpt_export then finds it without --ckpt_file; a model of other
+    sizes and an existing target (without overwrite) are refused, naming the file."""
+    import torch
+    from monai.bundle import ckpt_export
+
+    site = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", site / "configs")
+    shutil.copytree(BUNDLE / "scripts", site / "scripts")
+    fold0 = cv["out"] / "models" / "fold0" / "model.pt"
+    over = {**TINY, "bundle_root": str(site), "ckpt_dir": str(cv["out"] / "models")}
+    _bundle_run(["inference.json", "share_model.json"], {**over, "source_model": str(fold0)})
+    shared = site / "models" / "model.pt"
+    want = torch.load(fold0, map_location="cpu", weights_only=True)
+    got = torch.load(shared, map_location="cpu", weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), meta_file=str(CONFIGS / "metadata.json"),
+                config_file=str(CONFIGS / "inference.json"), use_trace=True, input_shape=[1, 3, 64, 64, 64],
+                **{**over, "device": "cpu"})  # no ckpt_file: <bundle_root>/models/model.pt
+    assert ts.stat().st_size > 1_000_000
+
+    _bundle_on_path()
+    from scripts.checkpoints import CheckpointMismatchError, share_model
+
+    net = _parser(["inference.json"], **TINY).get_parsed_content("network_def")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        share_model(net, str(cv["out"] / "models" / "fold1" / "model.pt"), str(shared))
+    assert share_model(net, str(cv["out"] / "models" / "fold1" / "model.pt"), str(shared), overwrite="true")
+    wider = _parser(["inference.json"], **{**TINY, "feature_size": 24}).get_parsed_content("network_def")
+    with pytest.raises(CheckpointMismatchError, match="fold0.*feature_size 12, network feature_size 24"):
+        share_model(wider, str(fold0), str(tmp_path / "other.pt"))
+    assert not (tmp_path / "other.pt").exists()

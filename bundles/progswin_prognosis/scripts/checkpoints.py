@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.flags import as_bool
-from scripts.integrity import verified_weights
+from scripts.integrity import file_sha256, verified_weights
+from scripts.io import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +208,48 @@ def load_pretrained(network: torch.nn.Module, path: str, map_location="cpu") -> 
         log.info("initialised from hcc_liver_seg checkpoint %s: %d tensors copied (input layers spread "
                  "over %d images), new: %s", path, len(mapped), n_images, ", ".join(fresh))
         return kind
+    _require_exact_fit(state, target)
+    net.load_state_dict(state)
+    log.info("initialised from ProgSwin-UNETR checkpoint %s (%d tensors)", path, len(state))
+    return kind
+
+
+def _require_exact_fit(state: dict, target: dict) -> None:
     problems = [f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(target[k].shape)}"
                 for k, v in state.items() if k in target and v.shape != target[k].shape]
     problems += [f"{k}: not in the network" for k in state if k not in target]
     problems += [f"{k}: not in the checkpoint" for k in target if k not in state]
     if problems:
         raise CheckpointMismatchError(_mismatch_message("ProgSwin-UNETR", state, target, problems))
-    net.load_state_dict(state)
-    log.info("initialised from ProgSwin-UNETR checkpoint %s (%d tensors)", path, len(state))
-    return kind
+
+
+def share_model(network: torch.nn.Module, source: str, target: str, overwrite=False) -> str:
+    """Put a trained model where Model Zoo tooling looks for it (``models/model.pt``).
+
+    ``source`` (a fold's ``models/fold{k}/model.pt``, or train_all.json's ``models/all/model.pt``)
+    is read weights-only, its sha256 checked when its bundle publishes one, and loaded strictly
+    into ``network`` (the configs' ``network_def`` with the size ids it was trained with), so a
+    file that does not fit the configs is refused here rather than at another site. It is
+    written atomically to ``target`` as a bare state dict. An existing ``target`` is replaced
+    only with ``overwrite``. Returns the sha256 to publish (large_files.yml, or the manifest of
+    ``python -m analysis export-bundle``).
+    """
+    state = load_state(str(source))
+    net = getattr(network, "module", network)
+    try:
+        _require_exact_fit(state, net.state_dict())
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{source}: {e}; run this with the size ids (feature_size, window_size, "
+                                      f"mask_channels, pooling, ... or their overlay) it was trained with") from e
+    same = os.path.exists(target) and os.path.samefile(source, target)
+    if os.path.exists(target) and not same and not as_bool(overwrite, "overwrite"):
+        raise FileExistsError(f"{target} exists: pass --overwrite true to replace it with {source}")
+    if not same:
+        save_weights(str(target), state)
+    digest = file_sha256(str(target))
+    log.info("shared model %s (from %s), sha256 %s: list it in large_files.yml (path, url, hash_type sha256, "
+             "hash_val) before another site fetches it", target, source, digest)
+    return digest
 
 
 class PretrainedLoader:

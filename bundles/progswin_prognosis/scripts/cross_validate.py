@@ -7,20 +7,26 @@ then predict fold k's patients with fold k's best model only. The concatenation 
 never trained on it; ``evaluation/`` holds its metrics (AUC per class with bootstrap CI, macro
 AUC, accuracy, sensitivity/specificity, confusion matrix, ROC).
 
-Usage (from anywhere; the bundle folder must be importable as the ``scripts`` package)::
+Run it through monai.bundle, from the bundle folder::
 
-    PYTHONPATH=<bundle> python -m scripts.cross_validate --bundle_root <bundle> \
-        --dataset_dir <cohort> --output_dir <out> [--folds 4] [--force] \
+    python -m monai.bundle run --config_file configs/cross_validate.json \
+        --dataset_dir <cohort> --output_dir <out> [--folds 4] [--force true] \
         [--overlays "['configs/cpu_recipe.json']"] \
-        [--any#config#id value ...]      # passed to monai.bundle run (train and inference)
+        [--fold_overrides "{'max_epochs': 20, 'feature_size': 24}"]  # ids of train.json/inference.json
+
+``fold_overrides``: ids set on every fold's training run, and on its inference run where
+inference.json has that id; ``tracking`` (e.g. ``mlflow``) is passed to the training runs.
+The module's own command line (``PYTHONPATH=<bundle> python -m scripts.cross_validate
+--bundle_root <bundle> --dataset_dir <cohort> --output_dir <out> [--any#config#id value ...]``)
+calls the same function and writes the same files.
 
 ``overlays``: config files (relative to the bundle root, or absolute) read after train.json and
 after inference.json, e.g. the CPU recipe; their ids that inference does not use are ignored there.
 
 Resumable: a fold whose best checkpoint exists and is newer than the datalist is not retrained
-(``--force`` retrains). Outputs: ``<out>/models/fold{k}/model.pt`` (unless ``ckpt_dir`` is
-overridden), ``<out>/folds/fold{k}/predictions.csv``, ``<out>/oof_predictions.csv``,
-``<out>/evaluation/``.
+(``--force true`` retrains). Outputs: ``<ckpt_dir>/fold{k}/model.pt`` (``ckpt_dir`` defaults to
+the bundle's ``models/`` in the config, to ``<out>/models`` on the module's command line),
+``<out>/folds/fold{k}/predictions.csv``, ``<out>/oof_predictions.csv``, ``<out>/evaluation/``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from scripts.checkpoints import best_model_path
+from scripts.flags import as_bool
 from scripts.io import write_csv
 from scripts.metrics import write_evaluation
 
@@ -87,19 +94,43 @@ def _config_files(configs: str, base: str, overlays) -> list[str]:
 
 def cross_validate(bundle_root: str, dataset_dir: str, output_dir: str, folds: int = 4,
                    overrides: dict[str, Any] | None = None, force: bool = False,
-                   overlays: list[str] | str | None = None) -> pd.DataFrame:
-    """Train every fold (or reuse it), predict out of fold, evaluate. Returns the OOF table."""
+                   overlays: list[str] | str | None = None, datalist: str | None = None,
+                   ckpt_dir: str | None = None, tracking: str | None = None) -> pd.DataFrame:
+    """Train every fold (or reuse it), predict out of fold, evaluate. Returns the OOF table.
+
+    Args:
+        bundle_root: the bundle folder (its configs/ are read).
+        dataset_dir: the cohort folder (paths in the datalist are relative to it).
+        output_dir: where predictions per fold, oof_predictions.csv and evaluation/ go.
+        folds: number of folds (the datalist's fold column runs 0..folds-1).
+        overrides: ids set on every fold's training run and, where inference.json has them, on
+            its inference run.
+        force: retrain folds whose best model exists and is newer than the datalist.
+        overlays: config files read after train.json and after inference.json.
+        datalist: the prognosis datalist (default ``<dataset_dir>/datalists/prognosis.json``).
+        ckpt_dir: where ``fold{k}/model.pt`` go (default ``<output_dir>/models``).
+        tracking: experiment tracking of the training runs (monai.bundle's ``tracking``, e.g. mlflow).
+    """
     from monai.bundle import run
 
     bundle_root = os.path.abspath(bundle_root)
     output_dir = os.path.abspath(output_dir)
     configs = os.path.join(bundle_root, "configs")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"fold_overrides: expected a dict of config ids to values, e.g. \"{{'max_epochs': 20}}\"; "
+                         f"got {overrides!r}")
     overrides = dict(overrides or {})
-    datalist = overrides.pop("datalist", os.path.join(dataset_dir, "datalists", "prognosis.json"))
-    ckpt_dir = overrides.pop("ckpt_dir", os.path.join(output_dir, "models"))
+    datalist = overrides.pop("datalist", None) or datalist or os.path.join(dataset_dir, "datalists", "prognosis.json")
+    ckpt_dir = overrides.pop("ckpt_dir", None) or ckpt_dir or os.path.join(output_dir, "models")
+    tracking = overrides.pop("tracking", None) or tracking
+    # command-line values arrive as text: 'none' and 'null' mean no tracking
+    tracking = None if str(tracking).strip().lower() in ("", "none", "null") else tracking
+    force = as_bool(force, "force")
     if not os.path.isfile(datalist):
         raise FileNotFoundError(f"prognosis datalist not found: {datalist}")
     train_over, infer_over = _split_overrides(overrides, os.path.join(configs, "inference.json"))
+    if tracking:
+        train_over["tracking"] = tracking
     common = {"bundle_root": bundle_root, "dataset_dir": dataset_dir, "datalist": datalist, "ckpt_dir": ckpt_dir,
               "meta_file": os.path.join(configs, "metadata.json"),
               "logging_file": os.path.join(configs, "logging.conf")}

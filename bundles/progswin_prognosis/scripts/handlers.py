@@ -14,6 +14,20 @@ from scripts.io import write_csv
 log = logging.getLogger(__name__)
 
 
+def attach(engine: Engine, handlers) -> Engine:
+    """Attach ``handlers`` to ``engine`` in the order given, skipping the disabled ones (None).
+
+    For the handlers that hold the engine itself (the resume loader and the checkpoint saver
+    restore and save the trainer's state): listed in the trainer's ``train_handlers`` they would
+    make a reference cycle in the config, so the ``run`` section attaches them, as a ``_target_``
+    item (resolved when the run starts, with the bundle folder on the import path).
+    """
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
+    return engine
+
+
 class PredictionWriter:
     """Collects softmax probabilities per patient and writes predictions.csv when the run ends.
 

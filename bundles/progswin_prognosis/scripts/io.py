@@ -64,6 +64,13 @@ def save_figure(path: str, fig, data=None) -> str:
     return path
 
 
+def save_weights(path: str, state: dict) -> str:
+    """A state dict of tensors, as ``torch.save`` writes it (readable with ``weights_only=True``)."""
+    import torch
+
+    return _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
 def save_nifti(path: str, array, affine) -> str:
     import nibabel as nib
     import numpy as np

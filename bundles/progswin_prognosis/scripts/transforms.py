@@ -7,7 +7,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
-from monai.transforms import MapTransform
+from monai.transforms import CropForegroundd, MapTransform, MaskIntensityd
 
 
 class PrognosisInputError(ValueError):
@@ -60,6 +60,51 @@ class RequireNonEmptyMaskd(MapTransform):
                 raise PrognosisInputError(
                     f"patient {pid}: time point {tp}: mask is empty (no liver or tumour voxel)"
                     + (f" in {src}" if src else "") + "; check the segmentation of this scan")
+        return d
+
+
+def _pairs(image_keys: Sequence[Hashable], mask_keys: Sequence[Hashable]) -> list[tuple[Hashable, Hashable]]:
+    image_keys, mask_keys = list(image_keys), list(mask_keys)
+    if len(image_keys) != len(mask_keys) or not image_keys:
+        raise ValueError(f"image_keys {image_keys} and mask_keys {mask_keys}: expected one mask per image "
+                         f"(the same number of each, at least one)")
+    return list(zip(image_keys, mask_keys))
+
+
+class CropEachToMaskd(MapTransform):
+    """Crop every time point's image and mask to the box of that time point's own mask.
+
+    One MONAI ``CropForegroundd`` per (image, mask) pair, in time order: the scans are months
+    apart and the liver moves and changes, so each is cropped to its own mask (plus ``margin``
+    voxels), never to another time point's.
+    """
+
+    def __init__(self, image_keys: Sequence[Hashable], mask_keys: Sequence[Hashable], margin=0,
+                 allow_smaller: bool = True) -> None:
+        pairs = _pairs(image_keys, mask_keys)
+        super().__init__([k for pair in pairs for k in pair])
+        self.crops = [CropForegroundd(keys=[image, mask], source_key=mask, margin=margin, allow_smaller=allow_smaller)
+                      for image, mask in pairs]
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for crop in self.crops:
+            d = crop(d)
+        return d
+
+
+class MaskEachImaged(MapTransform):
+    """Zero every time point's image outside its own mask: one MONAI ``MaskIntensityd`` per pair."""
+
+    def __init__(self, image_keys: Sequence[Hashable], mask_keys: Sequence[Hashable]) -> None:
+        pairs = _pairs(image_keys, mask_keys)
+        super().__init__([image for image, _ in pairs])
+        self.masks = [MaskIntensityd(keys=image, mask_key=mask) for image, mask in pairs]
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for mask in self.masks:
+            d = mask(d)
         return d
 
 
