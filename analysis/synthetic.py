@@ -82,6 +82,8 @@ from analysis.io import save_nifti, write_csv, write_json
 log = logging.getLogger(__name__)
 
 GENERATOR = "analysis.synthetic"
+#: present in a cohort folder while ``make_cohort`` writes it; left behind by an interrupted run
+INCOMPLETE_MARKER = ".synth_incomplete.json"
 VERSION = 1
 SLICE_THICKNESS_MM = 5.0
 SPACING_RANGE_MM = (1.2, 1.8)
@@ -675,8 +677,18 @@ def _check_args(n_patients, shape, seed, names=("n_patients", "shape", "seed")) 
         raise ValueError(f"{names[2]}: found {seed!r}, expected an integer >= 0")
 
 
+def _generator_of(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("generator") if path.exists() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _prepare_out(out: Path) -> None:
-    """Refuse to write into a folder holding something else than an earlier synthetic cohort."""
+    """Refuse to write into a folder holding something else than an earlier synthetic cohort
+    (complete, or left incomplete by an interrupted run: its INCOMPLETE_MARKER says so)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -684,21 +696,18 @@ def _prepare_out(out: Path) -> None:
     entries = list(out.iterdir())
     if not entries:
         return
-    meta = out / "cohort.json"
-    import json
-
-    try:
-        generator = json.loads(meta.read_text()).get("generator") if meta.exists() else None
-    except (OSError, ValueError):
-        generator = None
-    if generator != GENERATOR:
+    interrupted = _generator_of(out / INCOMPLETE_MARKER) == GENERATOR
+    if interrupted:
+        log.warning("%s: an interrupted synth left this folder incomplete (%s found); starting over",
+                    out, INCOMPLETE_MARKER)
+    elif _generator_of(out / "cohort.json") != GENERATOR:
         raise FileExistsError(f"{out}: folder is not empty and holds no synthetic cohort (cohort.json with "
                               f"generator {GENERATOR!r}); expected a new or empty folder")
     # an earlier synthetic cohort: drop it so no stale patient stays behind
     for name in ("images", "labels"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    for name in ("clinical.csv", "cohort.json"):
+    for name in ("clinical.csv", "cohort.json", INCOMPLETE_MARKER):
         if (out / name).exists():
             (out / name).unlink()
 
@@ -713,6 +722,10 @@ def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0,
     out = Path(out_dir)
     _prepare_out(out)
     out.mkdir(parents=True, exist_ok=True)
+    # written before any scan and removed after cohort.json: a folder holding it was left by an
+    # interrupted run, which the next run into the same folder replaces
+    write_json(out / INCOMPLETE_MARKER, {"generator": GENERATOR, "seed": int(seed), "n_patients": int(n_patients),
+                                         "shape": int(shape)})
     seeds = _patient_seeds(n_patients, seed)
     plans = [_plan_patient(i, plan_ss) for i, (plan_ss, _) in enumerate(seeds)]
     from tqdm.auto import tqdm
@@ -724,6 +737,7 @@ def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0,
     write_csv(out / "clinical.csv", table[list(CLINICAL_COLUMNS)])
     write_json(out / "cohort.json", {"synthetic": True, "generator": GENERATOR, "seed": int(seed),
                                      "n_patients": int(n_patients), "shape": int(shape), "version": VERSION})
+    (out / INCOMPLETE_MARKER).unlink()
     log.info("wrote synthetic cohort of %d patients (shape %d, seed %d) to %s", n_patients, shape, seed, out)
     return out
 
@@ -735,7 +749,8 @@ def synth_cli(out, patients: int = 181, shape: int = 128, seed: int = 0) -> str:
     patients, anatomy and scans are drawn is in the docstring of analysis.synthetic.
 
     Args:
-        out: the cohort folder to write; it must be new, empty or an earlier synthetic cohort (replaced).
+        out: the cohort folder to write; it must be new, empty or an earlier synthetic cohort (replaced), complete
+            or left incomplete by an interrupted synth (started over, with a warning).
         patients: number of patients, an integer >= 1 (181 is the paper's cohort size).
         shape: in-plane matrix size S, an integer >= 16 (S x S voxels, max(8, round(0.4 S)) slices of 5 mm);
             a small S shows a proportionally smaller abdomen.

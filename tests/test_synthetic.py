@@ -320,3 +320,38 @@ def test_rerun_replaces_an_earlier_synthetic_cohort(tmp_path):
     for folder in ("images", "labels"):
         assert sorted(p.name for p in (out / folder).iterdir()) == ["HCC001", "HCC002"]
     assert json.loads((out / "cohort.json").read_text())["n_patients"] == 2
+
+
+def test_rerun_into_a_folder_left_by_an_interrupted_synth(tmp_path, monkeypatch, caplog):
+    """A synth interrupted mid-way (here: after the first patient) leaves images/ and labels/
+    without cohort.json; a rerun into that folder starts over, says so, and ends complete."""
+    import logging
+
+    from analysis import synthetic
+
+    out = tmp_path / "c"
+    real = synthetic._write_patient
+    written = []
+
+    def interrupted(*args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(synthetic, "_write_patient", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_cohort(out, n_patients=3, shape=16, seed=0, progress=False)
+    assert (out / "images" / "HCC001").is_dir() and not (out / "cohort.json").exists()
+    assert (out / synthetic.INCOMPLETE_MARKER).exists()
+    monkeypatch.setattr(synthetic, "_write_patient", real)
+    with caplog.at_level(logging.WARNING, logger="analysis.synthetic"):
+        make_cohort(out, n_patients=2, shape=16, seed=0, progress=False)
+    assert "interrupted synth" in caplog.text and "starting over" in caplog.text
+    assert not (out / synthetic.INCOMPLETE_MARKER).exists()
+    assert json.loads((out / "cohort.json").read_text())["n_patients"] == 2
+    assert _files(out) == _files(make_cohort(tmp_path / "fresh", n_patients=2, shape=16, seed=0, progress=False))
+    # a folder of someone else's files is still refused, marker or not
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_cohort(tmp_path / "foreign", n_patients=1, shape=16, progress=False)
