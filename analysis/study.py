@@ -206,6 +206,7 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
     """``python -m monai.bundle run`` on a bundle with ``--id value`` overrides; output to
     ``log_file``, and, when ``bar`` is given, a progress bar per training epoch or segmented scan
     read from that output as it comes (:class:`BundleProgress`)."""
+    refuse_config_syntax(overrides)
     config_files = [str(bundle / "configs" / c) for c in configs]
     cmd = [sys.executable, "-m", "monai.bundle", "run",
            "--config_file", json.dumps(config_files) if len(config_files) > 1 else config_files[0],
@@ -330,16 +331,89 @@ def _segmentation(ctx: StudyContext, staging: Path, bar) -> dict:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+#: an overlay is a config file of the bundle's own configs/ folder, named, never a path
+_OVERLAY = re.compile(r"^[A-Za-z0-9_-]+\.json$")
+#: how MONAI's config parser reads a string value: ``$`` runs it as Python, ``@`` and ``%`` refer
+#: to other ids; the study sends values only, so no text it passes may start with one
+_CONFIG_SYNTAX = ("$", "@", "%")
 
 
 def bundle_overrides(settings: dict, bundle: str, keys) -> dict:
-    """The bundle's ids for the study settings ``keys``, through :data:`BUNDLE_IDS`."""
+    """The bundle's ids for the study settings ``keys``, through :data:`BUNDLE_IDS` (device
+    ``auto`` sets nothing: each bundle's own default picks CUDA when there is one)."""
     ids = BUNDLE_IDS[bundle]
     out = {}
     for key in keys:
         value = settings[key]
-        out[ids[key]] = _device(settings) if key == "device" else [value] * 3 if key in _CUBES else value
+        if key == "device":
+            value = _device(settings)
+            if value is None:
+                continue
+        out[ids[key]] = [value] * 3 if key in _CUBES else value
     return out
+
+
+def _typed(key: str, value, default):
+    """``value`` of study setting ``key`` as the type of the profile's ``default`` (command-line
+    text arrives as str), or a ValueError naming the flag, what was found and what is expected."""
+    from analysis.flags import as_bool
+
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(default, bool):
+        return as_bool(value, flag)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not re.fullmatch(r"\d+", str(value).strip()):
+            raise ValueError(f"{flag} {value!r}: expected a whole number >= 0")
+        return int(str(value).strip())
+    if isinstance(default, float):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not (number >= 0 and number != float("inf")):
+            raise ValueError(f"{flag} {value!r}: expected a finite number >= 0")
+        return number
+    if isinstance(default, list):
+        try:
+            numbers = [float(v) for v in value]
+        except (TypeError, ValueError):
+            numbers = []
+        if isinstance(value, str) or len(numbers) != len(default) or not all(0 < v < float("inf") for v in numbers):
+            raise ValueError(f"{flag} {value!r}: expected {len(default)} positive numbers, e.g. {default}")
+        return numbers
+    return value
+
+
+def check_settings(settings: dict, profile: str) -> dict:
+    """Every setting typed as its profile default, and the text ones within their patterns:
+    settings reach the bundles' configs, where a string may be code, so nothing else passes."""
+    defaults = PROFILES[profile]
+    typed = {k: _typed(k, v, defaults[k]) for k, v in settings.items()}
+    if typed["weights"] not in WEIGHTS_MODES:
+        raise ValueError(f"--weights {typed['weights']!r}: expected 'shared' (the bundles' shipped or fetched "
+                         f"weights, inference only) or 'train' (train both networks on this cohort)")
+    overlay = typed.get("weights_overlay")
+    if overlay is not None and not _OVERLAY.match(str(overlay)):
+        raise ValueError(f"--weights-overlay {overlay!r}: expected the name of a config file in each bundle's "
+                         f"configs/ folder, e.g. synthetic_weights.json (letters, digits, _ and -; no path)")
+    _device(typed)
+    _tracking(typed)
+    return typed
+
+
+def refuse_config_syntax(overrides, where: str = "") -> None:
+    """Stop before a bundle runs when any string the study passes (at any depth) would be read
+    by MONAI's config parser as code or a reference rather than as a value."""
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            refuse_config_syntax(value, f"{where}#{key}" if where else str(key))
+    elif isinstance(overrides, (list, tuple)):
+        for k, value in enumerate(overrides):
+            refuse_config_syntax(value, f"{where}#{k}")
+    elif isinstance(overrides, str) and overrides.lstrip().startswith(_CONFIG_SYNTAX):
+        raise ValueError(f"bundle id {where}: the value {overrides!r} starts with "
+                         f"'{overrides.lstrip()[0]}', which a MONAI config runs as code or reads as a "
+                         f"reference; the study passes plain values only")
 
 
 def _tracking(settings: dict) -> dict:
@@ -350,14 +424,12 @@ def _tracking(settings: dict) -> dict:
     return {} if mode == "none" else {"tracking": mode}
 
 
-def _device(settings: dict) -> str:
-    # the value goes into a config expression, which MONAI executes: only a known device name
-    # may ever reach it (run_study calls this up front, so a bad value stops before any stage)
+def _device(settings: dict) -> str | None:
+    """The device name the bundles get as a plain value (they take ``cpu``, ``cuda``, ``cuda:N``
+    as torch does), None for ``auto``; anything else is refused before any stage runs."""
     if not _DEVICE.match(str(settings["device"])):
         raise ValueError(f"--device {settings['device']!r}: expected cpu, cuda, cuda:N or auto")
-    if settings["device"] == "auto":
-        return "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
-    return f"$torch.device('{settings['device']}')"
+    return None if settings["device"] == "auto" else str(settings["device"])
 
 
 def _segmentation_inference(ctx: StudyContext, staging: Path, bar) -> dict:
@@ -734,14 +806,10 @@ def run_study(cohort: str | os.PathLike | None = None, out: str | os.PathLike = 
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(sorted(settings))}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    if settings["weights"] not in WEIGHTS_MODES:
-        raise ValueError(f"--weights {settings['weights']!r}: expected 'shared' (the bundles' shipped or fetched "
-                         f"weights, inference only) or 'train' (train both networks on this cohort)")
+    settings = check_settings(settings, profile)
     if settings["weights"] == "shared" and not settings.get("weights_overlay"):
         raise ValueError("--weights shared needs --weights-overlay (the bundles' overlay selecting the weights and "
                          "their sizes, e.g. synthetic_weights.json)")
-    _device(settings)  # refuses anything but a device name before any stage runs
-    _tracking(settings)
     if masks_source is None:
         masks_source = "segmentation" if settings["weights"] == "shared" else "auto"
     if masks_source not in ("auto", "segmentation"):

@@ -124,8 +124,62 @@ def test_demo_profile_runs_the_shipped_weights_on_an_unseen_cohort():
         assert (BUNDLES / bundle / "configs" / demo["weights_overlay"]).is_file()
 
 
+#: every study setting that reaches a bundle's config (issue 15: no user text in a $ expression)
+_BUNDLE_FLAGS = ["device", "feature_size", "net_size", "seg_roi", "seg_epochs", "prog_epochs", "seg_spacing_mm",
+                 "seg_num_samples", "seg_val_interval", "grad_checkpointing", "sw_batch_size", "num_workers",
+                 "weights_overlay", "tracking", "folds"]
+
+
+@pytest.mark.parametrize("key", _BUNDLE_FLAGS)
+def test_every_bundle_flag_refuses_code(tmp_path, key):
+    """The issue's payload, and a bare config expression, in each flag that reaches a bundle: a
+    ValueError naming the flag before anything is written, and the command never runs."""
+    from analysis.study import run_study
+
+    marker = tmp_path / "pwned"
+    for payload in (f"cpu') if __import__('os')._exit(__import__('os').system('touch {marker}')+3) else ('cpu",
+                    f"$__import__('os').system('touch {marker}')"):
+        with pytest.raises(ValueError, match="--" + key.replace("_", "-")):
+            run_study(out=tmp_path / "o", profile="scratch", progress=False, **{key: payload})
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_settings_are_typed_from_command_line_text(tmp_path):
+    from analysis.study import PROFILES, check_settings
+
+    typed = check_settings({**PROFILES["scratch"], "feature_size": "24", "grad_checkpointing": "false",
+                            "seg_spacing_mm": ["2", "2", "4.5"], "cox_penalizer": "0.5", "device": "auto"}, "scratch")
+    assert typed["feature_size"] == 24 and typed["grad_checkpointing"] is False
+    assert typed["seg_spacing_mm"] == [2.0, 2.0, 4.5] and typed["cox_penalizer"] == 0.5
+    for key, bad in (("patients", "-3"), ("cox_penalizer", "inf"), ("seg_spacing_mm", [1, 1]),
+                     ("weights_overlay", "../../evil.json"), ("grad_checkpointing", "maybe")):
+        with pytest.raises(ValueError, match="--" + key.replace("_", "-")):
+            check_settings({**PROFILES["scratch"], key: bad}, "scratch")
+
+
+def test_device_reaches_the_bundles_as_a_plain_value():
+    from analysis.study import PROFILES, bundle_overrides
+
+    assert bundle_overrides({**PROFILES["scratch"], "device": "cuda:1"}, "hcc_liver_seg", ("device",)) == \
+        {"device": "cuda:1"}
+    assert bundle_overrides({**PROFILES["paper"]}, "progswin_prognosis", ("device", "feature_size")) == \
+        {"feature_size": 48}  # auto: the bundle's own default picks the device
+
+
+def test_run_bundle_refuses_config_syntax_at_any_depth(tmp_path):
+    """The last guard before a bundle runs: no string the study passes starts with $, @ or %."""
+    from analysis.study import run_bundle
+
+    for overrides, where in (({"output_dir": "$print(1)"}, "output_dir"),
+                             ({"fold_overrides": {"max_epochs": 2, "datalist": "@dataset_dir"}}, "fold_overrides#datalist"),
+                             ({"infer_sections": ["training", "%train.json#x"]}, "infer_sections#1")):
+        with pytest.raises(ValueError, match=f"bundle id {where}: the value"):
+            run_bundle(BUNDLES / "hcc_liver_seg", ["inference.json"], overrides, tmp_path / "log.txt")
+    assert not (tmp_path / "log.txt").exists()
+
+
 def test_device_flag_is_a_device_name_never_code(tmp_path):
-    """A --device value goes into a config expression: anything but a device name is refused
+    """A --device value reaches the bundles' configs: anything but a device name is refused
     before a bundle runs (and the command it carries never runs)."""
     marker = tmp_path / "pwned"
     payload = f"cpu') if __import__('os').system('touch {marker}') else ('cpu"
@@ -210,7 +264,7 @@ def test_profile_settings_reach_the_bundle_ids_of_one_table(tmp_path, monkeypatc
     prog = cv["fold_overrides"]
     assert cv["ckpt_dir"] == str(tmp_path / "_prognosis" / "models") and cv["folds"] == settings["folds"]
     assert (seg["feature_size"], seg["roi_size"], seg["max_epochs"], seg["use_checkpoint"]) == (24, [96] * 3, 7, True)
-    assert seg["device"] == "$torch.device('cpu')" and seg["target_spacing"] == settings["seg_spacing_mm"]
+    assert seg["device"] == "cpu" and seg["target_spacing"] == settings["seg_spacing_mm"]
     assert (prog["feature_size"], prog["spatial_size"], prog["max_epochs"], prog["network_def#use_checkpoint"]) == \
         (24, [128] * 3, 9, True)
 
