@@ -10,6 +10,8 @@ import gzip
 import json
 import logging
 import math
+import os
+import re
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -45,6 +47,40 @@ INTEGER_COLUMNS = ("sorafenib", "death", "afp_ge_400", "nodules_gt3", "tace_cycl
 #: origin (mm). Scanner exports round affines to ~1e-4 mm; anything above 1e-3 mm is a real
 #: mismatch (a label saved from another scan or resampled).
 AFFINE_TOLERANCE_MM = 1e-3
+
+#: smallest accepted size (voxels) of a scan along each of its three axes. The synthetic cohort's
+#: smallest scans are 16 x 16 x 8 (``analysis.synthetic.n_slices_for``: at least 8 slices); a
+#: 1 x 1 x 1 "scan" or a single slice cannot be segmented or cropped to the networks' patches.
+MIN_SCAN_VOXELS = 8
+
+
+def load_schema() -> dict:
+    """The JSON Schema of one clinical.csv row (analysis/resources/clinical.schema.json)."""
+    return json.loads(resources.files("analysis").joinpath("resources/clinical.schema.json").read_text())
+
+
+#: The one patient-id rule (the schema's ``patient_id`` pattern): letters, digits, ``_`` and ``-``,
+#: at least one character. Ids name folders (images/<id>/), so ``.``, ``/``, ``\``, spaces and
+#: empty ids are refused. Use :func:`check_patient_id` wherever an id becomes a path.
+PATIENT_ID_PATTERN: str = load_schema()["properties"]["patient_id"]["pattern"]
+_PATIENT_ID_RE = re.compile(PATIENT_ID_PATTERN)
+
+
+def is_patient_id(value) -> bool:
+    """True when ``value`` is a str matching :data:`PATIENT_ID_PATTERN` in full."""
+    return isinstance(value, str) and _PATIENT_ID_RE.fullmatch(value) is not None
+
+
+def check_patient_id(value, where: str) -> str:
+    """``value`` when it is a valid patient id; else ValueError naming ``where``, what was found and expected.
+
+    ``where`` says where the id came from (e.g. ``"clinical.csv row 4"``, ``"datalist.json item 3"``).
+    """
+    if not is_patient_id(value):
+        found = "an empty id" if value in ("", None) else repr(value)
+        raise ValueError(f"{where}: patient_id: found {found}; expected letters, digits, '_' or '-' only "
+                         f"(the pattern {PATIENT_ID_PATTERN}), since the id names a folder")
+    return value
 
 
 # --------------------------------------------------------------------------------------- paths
@@ -84,24 +120,35 @@ def is_synthetic(cohort: str | Path) -> bool:
 
 # ------------------------------------------------------------------------------ clinical table
 def _parse_cell(column: str, raw: str):
-    """CSV text -> the JSON value the schema checks. Empty -> None; unparsable stays a string."""
+    """CSV text -> the JSON value the schema checks. Empty -> None; unparsable stays a string.
+
+    Columns the schema makes numeric (a number/integer type or an enum of numbers) are read with
+    Python's ``float`` ("inf", "nan" included: the schema's checks then refuse them); whole numbers
+    of integer-like columns become ``int``.
+    """
     text = raw.strip()
     if text == "":
         return None
-    if column in NUMBER_COLUMNS or column in INTEGER_COLUMNS:
+    rule = _column_rules().get(column)
+    if rule is not None and rule.numeric:
         try:
             value = float(text)
         except ValueError:
             return text
-        if column in INTEGER_COLUMNS and math.isfinite(value) and value == int(value):
+        if rule.integer and math.isfinite(value) and value == int(value):
             return int(value)
         return value
     return text
 
 
+def _read_table(path: str | Path) -> pd.DataFrame:
+    """clinical.csv as text cells (no NA guessing: an empty cell is "")."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 def read_clinical_rows(path: str | Path) -> list[dict]:
     """Rows of clinical.csv as dicts of parsed cells (the schema's view), in file order."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = _read_table(path)
     return [{c: _parse_cell(c, v) for c, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
@@ -149,10 +196,6 @@ def derive_risk_class(frame: pd.DataFrame) -> pd.Series:
     return out
 
 
-def load_schema() -> dict:
-    return json.loads(resources.files("analysis").joinpath("resources/clinical.schema.json").read_text())
-
-
 # ---------------------------------------------------------------------------------- validation
 @dataclass(frozen=True)
 class Problem:
@@ -182,57 +225,156 @@ def _short(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _schema_expectation(error) -> str:
-    """Plain-words version of what a JSON Schema keyword wanted."""
-    schema = error.schema
-    if error.validator == "enum":
-        return "one of " + ", ".join("empty" if v is None else repr(v) for v in schema["enum"])
-    if error.validator in ("type", "minimum", "maximum"):
-        kind = schema.get("type", "number")
-        words = {"number": "a number", "integer": "a whole number", "string": "text"}.get(kind, kind)
-        bounds = []
-        if "minimum" in schema:
-            bounds.append(f">= {schema['minimum']}")
-        if "maximum" in schema:
-            bounds.append(f"<= {schema['maximum']}")
-        return words + (" " + " and ".join(bounds) if bounds else "")
-    if error.validator == "pattern":
-        return f"text matching {schema['pattern']}"
-    if error.validator == "required":
-        return "a value (column required)"
-    return error.message
+def _found(value) -> str:
+    """How a parsed cell is shown after 'found': empty, a non-finite number said as such, or its repr."""
+    if value is None:
+        return "empty"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} (not a finite number)"
+    return _short(value)
 
 
-def validate_clinical(path: Path) -> tuple[list[Problem], list[dict]]:
-    """Schema-check every row of clinical.csv; returns (problems, parsed rows)."""
-    import jsonschema
+_KNOWN_KEYWORDS = {"type", "enum", "pattern", "minimum", "maximum", "description"}
+_KNOWN_ROOT = {"$schema", "$id", "title", "description", "type", "required", "properties", "additionalProperties"}
 
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _ColumnRule:
+    """One column's rules, compiled from the schema for the vectorised checks."""
+
+    column: str
+    required: bool
+    type: str | None
+    enum: tuple | None
+    pattern: str | None
+    minimum: float | None
+    maximum: float | None
+
+    @property
+    def numeric(self) -> bool:
+        """Cells are read as numbers (type number/integer, or an enum holding numbers)."""
+        return self.type in ("number", "integer") or any(_is_number(v) for v in self.enum or ())
+
+    @property
+    def integer(self) -> bool:
+        """Whole numbers are kept as int (type integer, or an enum of whole numbers only)."""
+        numbers = [v for v in self.enum or () if _is_number(v)]
+        return self.type == "integer" or (bool(numbers) and all(isinstance(v, int) for v in numbers))
+
+    @property
+    def expected(self) -> str:
+        """What the column expects, in plain words (the 'expected' part of a Problem)."""
+        if self.enum is not None:
+            return "one of " + ", ".join("empty" if v is None else repr(v) for v in self.enum)
+        if self.type in ("number", "integer") or self.minimum is not None or self.maximum is not None:
+            words = {"number": "a number", "integer": "a whole number"}.get(self.type or "number")
+            bounds = [f">= {self.minimum}"] if self.minimum is not None else []
+            bounds += [f"<= {self.maximum}"] if self.maximum is not None else []
+            return words + (" " + " and ".join(bounds) if bounds else "")
+        if self.pattern is not None:
+            return f"text matching {self.pattern}"
+        return "text" if self.type == "string" else "a value"
+
+
+def _compile_rules(schema: dict) -> dict[str, _ColumnRule]:
+    """Per-column rules of the row schema; refuses keywords the vectorised checks do not implement,
+    so that the schema file stays the one source of the rules."""
+    unknown = set(schema) - _KNOWN_ROOT
+    if unknown or schema.get("type") != "object" or schema.get("additionalProperties", True) is not True:
+        raise ValueError(f"clinical.schema.json: root keyword(s) {sorted(unknown) or schema.get('type')} are not "
+                         "implemented by analysis.cohort's vectorised checks; add them there first")
+    required = set(schema.get("required", ()))
+    rules = {}
+    for column, spec in schema["properties"].items():
+        extra = set(spec) - _KNOWN_KEYWORDS
+        if extra or spec.get("type", "number") not in ("number", "integer", "string"):
+            raise ValueError(f"clinical.schema.json: {column}: keyword(s) {sorted(extra) or spec['type']} are not "
+                             "implemented by analysis.cohort's vectorised checks; add them there first")
+        rules[column] = _ColumnRule(column, column in required, spec.get("type"),
+                                    tuple(spec["enum"]) if "enum" in spec else None, spec.get("pattern"),
+                                    spec.get("minimum"), spec.get("maximum"))
+    return rules
+
+
+_RULES: dict[str, _ColumnRule] | None = None
+
+
+def _column_rules() -> dict[str, _ColumnRule]:
+    global _RULES
+    if _RULES is None:
+        _RULES = _compile_rules(load_schema())
+    return _RULES
+
+
+def _where(name: str, row: int, pid) -> str:
+    """The location of a problem in clinical.csv: the file row (header = row 1) and the patient."""
+    return f"{name} row {row} (patient_id {pid})" if pid else f"{name} row {row}"
+
+
+def _table_problems(name: str, frame: pd.DataFrame) -> list[Problem]:
+    """File-level problems (missing required columns, no rows); the row checks need none of them."""
+    required = [c for c in load_schema().get("required", ()) if c not in frame.columns]
+    problems = [Problem(name, f"column '{c}'", "no such column", "a column of that name") for c in required]
+    if not problems and len(frame) == 0:
+        problems.append(Problem(name, "rows", "no patient rows", "one row per patient"))
+    return problems
+
+
+def _unreadable(name: str, exc: Exception) -> Problem:
+    return Problem(name, "file", f"unreadable CSV ({exc.__class__.__name__}: {exc})",
+                   "a comma-separated table with a header row")
+
+
+def _finite_validator(schema: dict):
+    """jsonschema's Draft 2020-12 validator whose number and integer types are finite, as in JSON
+    (which has no NaN or infinity): "inf" and "nan" cells fail ``type``."""
+    from jsonschema import Draft202012Validator, validators
+
+    base = Draft202012Validator.TYPE_CHECKER
+    checker = base.redefine_many({
+        "number": lambda _, x: base.is_type(x, "number") and math.isfinite(x),
+        "integer": lambda _, x: base.is_type(x, "integer") and math.isfinite(x),
+    })
+    return validators.extend(Draft202012Validator, type_checker=checker)(schema)
+
+
+def _validate_clinical_rowwise(path: str | Path) -> list[Problem]:
+    """Reference implementation of :func:`validate_clinical`: jsonschema applied to each parsed row.
+
+    About 1 ms per row; kept so that tests can check that the vectorised checks find exactly the
+    same problems (same order, same words).
+    """
     name = Path(path).name
     try:
-        rows = read_clinical_rows(path)
+        frame = _read_table(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure is reported, not raised
-        return [Problem(name, "file", f"unreadable CSV ({exc.__class__.__name__}: {exc})",
-                        "a comma-separated table with a header row")], []
-    problems: list[Problem] = []
-    if rows:
-        missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
-        for column in missing:
-            problems.append(Problem(name, f"column '{column}'", "no such column", "a column of that name"))
-        if missing:
-            return problems, rows
-    else:
-        problems.append(Problem(name, "rows", "no patient rows", "one row per patient"))
-    validator = jsonschema.Draft202012Validator(load_schema())
+        return [_unreadable(name, exc)]
+    problems = _table_problems(name, frame)
+    if problems:
+        return problems
+    schema = load_schema()
+    rules = _column_rules()
+    required = set(schema.get("required", ()))
+    validator = _finite_validator(schema)
+    rows = [{c: _parse_cell(c, v) for c, v in row.items()} for row in frame.to_dict(orient="records")]
     seen: dict[str, int] = {}
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         pid = row.get("patient_id")
-        where = f"{name} row {i} (patient_id {pid})" if pid else f"{name} row {i}"
-        # empty optional cells are allowed; empty required ones are reported as missing values
-        doc = {k: v for k, v in row.items() if not (v is None and k not in REQUIRED_COLUMNS)}
-        for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        where = _where(name, i, pid)
+        # empty optional cells are allowed; empty required ones are checked as null (and fail)
+        doc = {k: v for k, v in row.items() if not (v is None and k not in required)}
+        row_problems: list[Problem] = []
+        for err in sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
             field = err.absolute_path[0] if err.absolute_path else "row"
-            found = "empty" if err.instance is None else _short(err.instance)
-            problems.append(Problem(where, f"field '{field}'", found, _schema_expectation(err)))
+            expected = rules[field].expected if field in rules else err.message
+            problem = Problem(where, f"field '{field}'", _found(err.instance), expected)
+            if problem not in row_problems:  # one line per cell, however many keywords it fails
+                row_problems.append(problem)
+        problems += row_problems
         if isinstance(pid, str):
             if pid in seen:
                 problems.append(Problem(where, "field 'patient_id'", repr(pid),
@@ -244,7 +386,159 @@ def validate_clinical(path: Path) -> tuple[list[Problem], list[dict]]:
             if pd.notna(derived) and int(derived) != rc:
                 problems.append(Problem(where, "field 'risk_class'", repr(rc),
                                         f"{int(derived)} by the rule from os_months, death and imaging_high_risk"))
-    return problems, rows
+    return problems
+
+
+def _codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, distinct stripped texts) of a text column: ``texts[codes]`` is the stripped column.
+
+    Checks then run once per distinct value (a handful for most columns) and map back through codes.
+    """
+    codes, uniques = pd.factorize(column.to_numpy(dtype=object), use_na_sentinel=False)
+    stripped = np.array([u.strip() for u in uniques], dtype=object) if len(uniques) else uniques.astype(object)
+    if len(stripped) and (stripped != uniques).any():
+        again, stripped = pd.factorize(stripped, use_na_sentinel=False)
+        codes = again[codes]
+        stripped = np.asarray(stripped, dtype=object)
+    return codes, stripped
+
+
+def _parse_numbers(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, parsed) of stripped texts as Python's ``float`` reads them ("inf", "1e3", "1_000")."""
+    values = np.full(len(texts), np.nan)
+    filled = np.asarray(texts != "", dtype=bool)
+    parsed = filled.copy()
+    idx = np.flatnonzero(filled)
+    try:
+        values[idx] = texts[idx].astype(np.float64)  # float() on each object: exact, raises on any text
+        return values, parsed
+    except (ValueError, TypeError, OverflowError):
+        pass
+    # some cells are not numbers: let pandas find the numeric ones, then read those exactly
+    approx = pd.to_numeric(pd.Series(texts[idx]), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    sure = ~np.isnan(approx)
+    try:
+        values[idx[sure]] = texts[idx[sure]].astype(np.float64)
+        rest = idx[~sure]
+    except (ValueError, TypeError, OverflowError):
+        rest = idx
+    for j in rest:  # the few cells pandas could not read: text, "nan", or spellings only float() knows
+        try:
+            values[j] = float(texts[j])
+        except ValueError:
+            parsed[j] = False
+    return values, parsed
+
+
+def _bad_values(rule: _ColumnRule, texts: np.ndarray, numbers: np.ndarray, is_number: np.ndarray) -> np.ndarray:
+    """For each distinct stripped text of a column: does it break the column's rule?
+
+    Mirrors the row-wise path: empty is null (allowed when the column is optional), numeric columns
+    hold numbers where ``float`` reads them and text elsewhere, and numbers must be finite.
+    """
+    empty = np.asarray(texts == "", dtype=bool)
+    is_text = ~empty & ~is_number
+    with np.errstate(invalid="ignore"):
+        finite = is_number & np.isfinite(numbers)
+        ok = np.ones(len(texts), dtype=bool)
+        if rule.type == "number":
+            ok &= finite
+        elif rule.type == "integer":
+            ok &= finite & (np.floor(numbers) == numbers)
+        elif rule.type == "string":
+            ok &= is_text
+        if rule.enum is not None:
+            allowed = np.zeros(len(texts), dtype=bool)
+            numeric = [v for v in rule.enum if _is_number(v)]
+            words = [v for v in rule.enum if isinstance(v, str)]
+            if numeric:
+                allowed |= is_number & np.isin(numbers, numeric)
+            if words:
+                allowed |= is_text & pd.Series(texts).isin(words).to_numpy()
+            if None in rule.enum:
+                allowed |= empty
+            ok &= allowed
+        if rule.pattern is not None and is_text.any():
+            matched = np.ones(len(texts), dtype=bool)
+            matched[is_text] = pd.Series(texts[is_text]).str.contains(rule.pattern, regex=True).to_numpy(dtype=bool)
+            ok &= matched
+        if rule.minimum is not None:
+            ok &= ~finite | (numbers >= rule.minimum)
+        if rule.maximum is not None:
+            ok &= ~finite | (numbers <= rule.maximum)
+    if not rule.required:
+        ok |= empty
+    return ~ok
+
+
+def validate_clinical(path: str | Path) -> tuple[list[Problem], list[str]]:
+    """Schema-check every row of clinical.csv, vectorised; returns (problems, patient ids).
+
+    The rules are those of clinical.schema.json (type, pattern, enum, minimum, maximum, required;
+    numbers must be finite), applied column by column with numpy/pandas, plus unique patient ids and
+    a stated risk_class agreeing with :func:`derive_risk_class`. Finds exactly what
+    :func:`_validate_clinical_rowwise` (jsonschema per row) finds, in the same order and words, at
+    about a microsecond per row. Problems name the file row (the header is row 1). The ids are the
+    distinct non-empty patient_id cells in file order.
+    """
+    name = Path(path).name
+    try:
+        frame = _read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is reported, not raised
+        return [_unreadable(name, exc)], []
+    pid_codes = pid_texts = None
+    ids: list[str] = []
+    if "patient_id" in frame.columns:
+        pid_codes, pid_texts = _codes(frame["patient_id"])
+        ids = [t for t in pid_texts.tolist() if t]
+    problems = _table_problems(name, frame)
+    if problems:
+        return problems, ids
+
+    found: list[tuple[int, int, str, str, str]] = []  # (row index, kind, field, found, expected)
+    numbers_of: dict[str, np.ndarray] = {}
+    texts_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for column, rule in _column_rules().items():
+        if column not in frame.columns:
+            continue  # an absent optional column (absent required ones were reported above)
+        codes, texts = (pid_codes, pid_texts) if column == "patient_id" else _codes(frame[column])
+        if rule.numeric:
+            numbers, is_number = _parse_numbers(texts)
+        else:
+            numbers, is_number = np.full(len(texts), np.nan), np.zeros(len(texts), dtype=bool)
+        if column in ("os_months", "death", "imaging_high_risk", "risk_class"):
+            numbers_of[column] = np.where(is_number, numbers, np.nan)[codes]
+            texts_of[column] = (codes, texts)
+        bad = _bad_values(rule, texts, numbers, is_number)
+        if bad.any():
+            for i in np.flatnonzero(bad[codes]).tolist():
+                value = _parse_cell(column, texts[codes[i]])
+                found.append((i, 0, column, _found(value), rule.expected))
+
+    # duplicate ids: every repeat names the row of the first occurrence
+    filled = pid_texts != ""
+    first = np.unique(pid_codes, return_index=True)[1]  # codes number ids in order of first appearance
+    for i in np.flatnonzero(filled[pid_codes] & (first[pid_codes] != np.arange(len(pid_codes)))).tolist():
+        pid = pid_texts[pid_codes[i]]
+        found.append((i, 1, "patient_id", repr(pid), f"a unique id (also on row {int(first[pid_codes[i]]) + 2})"))
+
+    # a stated risk_class must agree with the rule
+    if "risk_class" in numbers_of:
+        stated = numbers_of["risk_class"]
+        derived = derive_risk_class(pd.DataFrame({c: numbers_of[c] for c in ("os_months", "death", "imaging_high_risk")}))
+        derived = derived.to_numpy(dtype=float, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            wrong = np.isin(stated, (0, 1, 2, 3)) & ~np.isnan(derived) & (derived != stated)
+        codes, texts = texts_of["risk_class"]
+        for i in np.flatnonzero(wrong).tolist():
+            found.append((i, 2, "risk_class", repr(_parse_cell("risk_class", texts[codes[i]])),
+                          f"{int(derived[i])} by the rule from os_months, death and imaging_high_risk"))
+
+    found.sort(key=lambda t: t[:3])
+    for i, _, column, what, expected in found:
+        pid = pid_texts[pid_codes[i]]
+        problems.append(Problem(_where(name, i + 2, pid), f"field '{column}'", what, expected))
+    return problems, ids
 
 
 def _check_volume(path: Path, is_label: bool) -> tuple[list[Problem], tuple | None]:
@@ -266,6 +560,9 @@ def _check_volume(path: Path, is_label: bool) -> tuple[list[Problem], tuple | No
     if data.ndim != 3:
         problems.append(Problem(where, "dimensions", f"{data.ndim}-D array of shape {shape}",
                                 "a 3-D volume (one arterial-phase scan)"))
+    elif not is_label and min(shape) < MIN_SCAN_VOXELS:  # a label of another shape is reported as such
+        problems.append(Problem(where, "dimensions", f"shape {shape}",
+                                f"at least {MIN_SCAN_VOXELS} voxels along each axis"))
     if not np.issubdtype(data.dtype, np.integer):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -295,12 +592,51 @@ def _scan_files(folder: Path) -> dict[str, dict[str, list[Path]]]:
     return found
 
 
+def _outside(path: Path, root: Path) -> bool:
+    try:
+        return not path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop
+        return True
+
+
+def _links_outside(cohort: Path, images: dict, labels: dict) -> tuple[list[Problem], set[Path]]:
+    """Links leading out of the cohort folder: (one problem per link, every path not to read).
+
+    A link inside the folder (e.g. images/P02 -> P01) is fine. A file reached through a link that
+    leaves the folder is never read (it could be anything, a FIFO included); the link is reported.
+    """
+    root = cohort.resolve()
+    paths = [cohort / "clinical.csv", cohort / "cohort.json"]
+    for kind, tree in (("images", images), ("labels", labels)):
+        paths.append(cohort / kind)
+        for pid, entries in tree.items():
+            paths.append(cohort / kind / pid)
+            paths += [f for files in entries.values() for f in files]
+    problems: list[Problem] = []
+    blocked: set[Path] = set()
+    for path in paths:
+        if not _outside(path, root):
+            continue
+        blocked.add(path)
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                target = f"? ({exc.__class__.__name__})"
+            problems.append(Problem(str(path), "symbolic link",
+                                    f"a link to {target} (resolving to {path.resolve()}), outside the cohort folder",
+                                    f"files and folders inside {root} (copy the file in, or link within the folder)"))
+    return problems, blocked
+
+
 def validate_cohort(cohort: str | Path, progress: bool = True, jobs: int = 2) -> list[Problem]:
     """Every problem of a cohort folder (empty list = valid). Reads only; writes nothing.
 
-    Checks clinical.csv against the JSON Schema, then every image and label: fully loadable,
-    3-D, finite, label values in {0, 1, 2}, label shape and affine equal to the image's
-    (within :data:`AFFINE_TOLERANCE_MM`), t0/t1/t2 all present, no orphan or unpaired files.
+    Checks clinical.csv against the JSON Schema (:func:`validate_clinical`), then every image and
+    label: fully loadable, 3-D, at least :data:`MIN_SCAN_VOXELS` voxels along each axis (images),
+    finite, label values in {0, 1, 2}, label shape and affine equal to the image's (within
+    :data:`AFFINE_TOLERANCE_MM`), t0/t1/t2 all present, no orphan or unpaired files, and no
+    symbolic link leading out of the cohort folder (such files are not read).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -310,16 +646,21 @@ def validate_cohort(cohort: str | Path, progress: bool = True, jobs: int = 2) ->
     if not cohort.is_dir():
         return [Problem(str(cohort), "folder", "does not exist", "a cohort folder (docs/contracts.md)")]
     problems: list[Problem] = []
+    images, labels = _scan_files(cohort / "images"), _scan_files(cohort / "labels")
+    link_problems, blocked = _links_outside(cohort, images, labels)
     clinical = cohort / "clinical.csv"
-    rows: list[dict] = []
-    if clinical.exists():
-        clinical_problems, rows = validate_clinical(clinical)
+    ids: list[str] = []
+    if clinical in blocked:
+        pass  # reported as a link leaving the folder
+    elif clinical.exists():
+        clinical_problems, ids = validate_clinical(clinical)
         problems += clinical_problems
     else:
         problems.append(Problem(str(clinical), "file", "missing", "clinical.csv with one row per patient"))
-    ids = [r["patient_id"] for r in rows if isinstance(r.get("patient_id"), str)]
+    problems += link_problems
+    ids = [pid for pid in ids if is_patient_id(pid)]  # the others are reported; they name no folder
+    known = set(ids)
 
-    images, labels = _scan_files(cohort / "images"), _scan_files(cohort / "labels")
     if not (cohort / "images").is_dir():
         problems.append(Problem(str(cohort / "images"), "folder", "missing", "images/<patient_id>/t0|t1|t2.nii.gz"))
     for kind in ("images", "labels"):
@@ -333,7 +674,7 @@ def validate_cohort(cohort: str | Path, progress: bool = True, jobs: int = 2) ->
             problems.append(Problem(f"clinical.csv patient {pid}", "images", f"no folder images/{pid}",
                                     "a folder with t0, t1, t2"))
     for pid in images:
-        if ids and pid not in ids:
+        if known and pid not in known:
             problems.append(Problem(str(cohort / "images" / pid), "folder", "orphan: no clinical.csv row",
                                     f"a row with patient_id {pid} or no folder"))
     jobs_list: list[tuple[Path, bool]] = []
@@ -350,7 +691,8 @@ def validate_cohort(cohort: str | Path, progress: bool = True, jobs: int = 2) ->
                     problems.append(Problem(str(files[0].parent), f"time point {stem}",
                                             f"{len(files)} files ({', '.join(f.name for f in files)})",
                                             "exactly one file per time point"))
-                jobs_list.append((files[0], kind == "labels"))
+                if files[0] not in blocked:
+                    jobs_list.append((files[0], kind == "labels"))
             if kind == "images":
                 for tp in TIMEPOINTS:
                     if tp not in entries:
@@ -399,9 +741,10 @@ def check_cohort(cohort: str | Path, progress: bool = True) -> None:
 def validate_cli(cohort: str, quiet: bool = False) -> None:
     """python -m analysis validate DIR: one line per problem, exit status 2 if any; writes nothing.
 
-    Checks clinical.csv against the JSON Schema, then every image and label (loadable, 3-D, finite,
-    label values 0/1/2, label shape and affine equal to the image's, t0/t1/t2 all present, no orphan
-    or unpaired files). Problems go to stderr.
+    Checks clinical.csv against the JSON Schema (finite numbers, patient ids that are folder names),
+    then every image and label (loadable, 3-D, at least 8 voxels per axis, finite, label values
+    0/1/2, label shape and affine equal to the image's, t0/t1/t2 all present, no orphan or unpaired
+    files, no link leading out of the folder). Problems go to stderr.
 
     Args:
         cohort: the cohort folder to check (docs/contracts.md).

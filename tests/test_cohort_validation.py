@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 
 from analysis.cohort import (
+    MIN_SCAN_VOXELS,
+    PATIENT_ID_PATTERN,
     CohortError,
     check_cohort,
+    check_patient_id,
     derive_risk_class,
     read_clinical,
     validate_cohort,
@@ -228,3 +231,130 @@ def test_risk_class_rule_including_censoring():
     assert got[5] == 1               # died at 35.99 months: short survivor
     assert got[6] == 3               # 40 months: long survivor, low risk
     assert got[7] is pd.NA
+
+
+# ------------------------------------------------------------------ non-finite numbers (issue 15)
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN"])
+def test_non_finite_os_months_is_refused_naming_row_and_column(cohort, text):
+    """inf used to make a censored patient a long survivor (class 3) and NaN passed the minimum."""
+    frame = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    frame.loc[1, ["os_months", "death", "risk_class"]] = [text, "0", ""]
+    frame.to_csv(cohort / "clinical.csv", index=False)
+    shown = text.lower()
+    assert messages(cohort) == [
+        f"clinical.csv row 3 (patient_id {frame.loc[1, 'patient_id']}): field 'os_months': "
+        f"found {shown} (not a finite number); expected a number >= 0"
+    ]
+    with pytest.raises(CohortError):
+        check_cohort(cohort, progress=False)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN"])
+@pytest.mark.parametrize("column, expected", [("age", "a number >= 18 and <= 110"),
+                                              ("tace_cycles", "a whole number >= 1"),
+                                              ("death", "one of 0, 1")])
+def test_other_non_finite_numbers_are_refused(cohort, column, expected, text):
+    frame = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    frame.loc[4, [column, "risk_class"]] = [text, ""]
+    frame.to_csv(cohort / "clinical.csv", index=False)
+    assert messages(cohort) == [
+        f"clinical.csv row 6 (patient_id {frame.loc[4, 'patient_id']}): field '{column}': "
+        f"found {text.lower()} (not a finite number); expected {expected}"
+    ]
+
+
+# ------------------------------------------------------------------------ patient ids (issue 15)
+@pytest.mark.parametrize("bad", ["../../escaped", "", "a/b", "a\\b", "a.b", ".", "P 01"])
+def test_patient_ids_that_are_not_folder_names_are_refused(cohort, bad):
+    frame = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    original = frame.loc[0, "patient_id"]
+    frame.loc[0, "patient_id"] = bad
+    frame.to_csv(cohort / "clinical.csv", index=False)
+    msgs = messages(cohort)
+    where = f"clinical.csv row 2 (patient_id {bad})" if bad else "clinical.csv row 2"
+    found = repr(bad) if bad else "empty"
+    assert f"{where}: field 'patient_id': found {found}; expected text matching {PATIENT_ID_PATTERN}" in msgs
+    # the id names no folder: only its former folder is reported (as an orphan), nothing is looked up
+    assert [m for m in msgs if "field 'patient_id'" not in m] == [
+        f"{cohort / 'images' / original}: folder: found orphan: no clinical.csv row; "
+        f"expected a row with patient_id {original} or no folder"]
+
+
+def test_check_patient_id():
+    assert PATIENT_ID_PATTERN == "^[A-Za-z0-9_-]+$"
+    assert check_patient_id("HCC_001-b", "datalist item 3") == "HCC_001-b"
+    for bad in ["../../escaped", "", "a/b", "a\\b", "a.b", "..", "HCC01\n", " HCC01", None, 7]:
+        with pytest.raises(ValueError) as err:
+            check_patient_id(bad, "datalist item 3")
+        text = str(err.value)
+        assert text.startswith("datalist item 3: patient_id: found ")
+        assert (repr(bad) if bad not in ("", None) else "an empty id") in text
+        assert PATIENT_ID_PATTERN in text
+
+
+def test_duplicate_patient_id_is_refused(cohort):
+    frame = pd.read_csv(cohort / "clinical.csv", dtype=str, keep_default_na=False)
+    first, second = frame.loc[0, "patient_id"], frame.loc[5, "patient_id"]
+    frame.loc[5, "patient_id"] = first
+    frame.to_csv(cohort / "clinical.csv", index=False)
+    msgs = messages(cohort)
+    assert f"clinical.csv row 7 (patient_id {first}): field 'patient_id': found {first!r}; " \
+           "expected a unique id (also on row 2)" in msgs
+    assert len(msgs) == 2 and f"{cohort / 'images' / second}: folder: found orphan" in msgs[1]
+
+
+# ------------------------------------------------------------------------- scan size (issue 15)
+@pytest.mark.parametrize("shape, refused", [((1, 1, 1), True), ((32, 32, MIN_SCAN_VOXELS - 1), True),
+                                            ((MIN_SCAN_VOXELS, 16, MIN_SCAN_VOXELS), False)])
+def test_scans_smaller_than_the_minimum_are_refused(cohort, shape, refused):
+    pid = first_pid(cohort)
+    image, label = cohort / "images" / pid / "t0.nii.gz", cohort / "labels" / pid / "t0.nii.gz"
+    affine = nib.load(image).affine
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), affine), image)
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), affine), label)
+    expected = [f"{image}: dimensions: found shape {shape}; expected at least {MIN_SCAN_VOXELS} voxels along each axis"]
+    assert messages(cohort) == (expected if refused else [])
+
+
+def test_the_smallest_synthetic_scans_pass(tmp_path):
+    from analysis.synthetic import make_cohort
+
+    out = make_cohort(tmp_path / "c", n_patients=2, shape=16, seed=0, progress=False)
+    assert nib.load(out / "images" / first_pid(out) / "t0.nii.gz").shape == (16, 16, 8)
+    assert messages(out) == []
+
+
+# -------------------------------------------------------------------------- symlinks (issue 15)
+def test_a_file_linked_from_outside_the_cohort_is_refused_and_not_read(cohort, tmp_path):
+    pid = first_pid(cohort)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = cohort / "images" / pid / "t1.nii.gz"
+    target = outside / "t1.nii.gz"
+    target.write_bytes(b"not a NIfTI: would be 'unreadable' if it were read")
+    link.unlink()
+    link.symlink_to(target)
+    assert messages(cohort) == [
+        f"{link}: symbolic link: found a link to {target} (resolving to {target.resolve()}), outside the cohort "
+        f"folder; expected files and folders inside {cohort.resolve()} (copy the file in, or link within the folder)"
+    ]
+
+
+def test_a_patient_folder_linked_from_outside_is_refused_once(cohort, tmp_path):
+    pid = first_pid(cohort)
+    outside = tmp_path / "elsewhere" / pid
+    shutil.move(str(cohort / "labels" / pid), outside)
+    (cohort / "labels" / pid).symlink_to(outside, target_is_directory=True)
+    msgs = messages(cohort)
+    assert len(msgs) == 1 and msgs[0].startswith(f"{cohort / 'labels' / pid}: symbolic link: found a link to {outside}")
+
+
+def test_links_inside_the_cohort_are_accepted(cohort):
+    pid = first_pid(cohort)
+    store = cohort / "store"
+    store.mkdir()
+    for kind in ("images", "labels"):
+        scan = cohort / kind / pid / "t2.nii.gz"
+        shutil.move(str(scan), store / f"{kind}_t2.nii.gz")
+        scan.symlink_to(Path("..") / ".." / "store" / f"{kind}_t2.nii.gz")
+    assert messages(cohort) == []
