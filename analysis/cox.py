@@ -46,6 +46,7 @@ from analysis.survival_table import (
     read_table,
     row_ids,
     split_list,
+    table_columns,
 )
 
 __all__ = [
@@ -515,13 +516,16 @@ def cox_cli(table: str, out: str, covariates, duration: str = DURATION, event: s
         cv_folds: folds of the cross-validated C-index (0 skips it).
         seed: seed of the cross-validation folds.
     """
+    from analysis.clinical_table import TableInputError, usage_exit
+
     try:
-        df = read_table(table, join)
+        df = read_table(table, join, required=table_columns(duration, event, covariates, join))
+        check_duration_event(df, duration, event, where=str(table), file_rows=True)
         result = fit_cox(df, duration, event, split_list(covariates), split_list(categorical),
                          parse_reference(reference), float(penalizer), coding, cv_folds, seed)
         summary = write_cox_outputs(result, out)
-    except SurvivalInputError as exc:
-        raise SystemExit(f"cox: {exc}") from None
+    except (SurvivalInputError, TableInputError) as exc:
+        raise usage_exit(f"cox: {exc}") from None
     cv = summary["cv_concordance"]
     return (result.summary.round(4).to_string(index=False) +
             f"\nC-index {summary['concordance']:.3f}, cross-validated {cv if cv is None else round(cv, 3)}; "

@@ -294,10 +294,10 @@ def run_km(clinical: str | Path, groups, out: str | Path, by: str | None = "trea
            duration: str = DURATION, event: str = EVENT, marker_months: float | None = MARKER_MONTHS,
            panels: bool = False) -> dict:
     """The km verb: read clinical.csv, join the group files, draw and write every panel and the grid."""
-    from analysis.cohort import read_clinical
+    from analysis.clinical_table import read_clinical_table
 
-    df = read_clinical(clinical)
-    check_duration_event(df, duration, event, where=str(clinical))
+    df = read_clinical_table(clinical, required=("patient_id", duration, event, *([by] if by else [])))
+    check_duration_event(df, duration, event, where=str(clinical), file_rows=True)
     specs = split_list(groups)
     if not specs:
         raise SurvivalInputError("--groups: give at least one [NAME=][FILE:]COLUMN (comma-separated for several)")
@@ -345,11 +345,13 @@ def km_cli(clinical: str, groups, out: str, by: str = "treatment", duration: str
         marker_months: time in months marked by a dashed vertical line (the paper's mid-term point).
         panels: also write one figure per panel, figures/km_<method>_<subgroup>.png.
     """
+    from analysis.clinical_table import TableInputError, usage_exit
+
     try:
         summary = run_km(clinical, groups, out, by=by or None, duration=duration, event=event,
                          marker_months=marker_months, panels=bool(panels))
-    except SurvivalInputError as exc:
-        raise SystemExit(f"km: {exc}") from None
+    except (SurvivalInputError, TableInputError) as exc:
+        raise usage_exit(f"km: {exc}") from None
     lines = [f"{r['method']:>20} {r['subgroup']:>10} n={r['n']:<4} " +
              (f"p={r['p_value']:.3g}" if r["p_value"] is not None else f"skipped: {r['skipped_reason']}")
              for r in summary["logrank"]]

@@ -230,9 +230,15 @@ def _read(obj, what: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"--{what} {path}: no such file")
     if what == "clinical":
-        from analysis.cohort import read_clinical
+        from analysis.clinical_table import RULE_COLUMNS, TableInputError, read_clinical_table
 
-        return read_clinical(path)
+        frame = read_clinical_table(path, required=("patient_id",))
+        if "risk_class" not in frame:
+            missing = [c for c in RULE_COLUMNS if c not in frame]
+            raise TableInputError(f"{path} row 1 (header): no risk_class column and column(s) "
+                                  f"{', '.join(map(repr, missing))} of the rule not found; expected risk_class "
+                                  f"or {', '.join(RULE_COLUMNS)} to derive it (found: {', '.join(frame.columns)})")
+        return frame
     return pd.read_csv(path)
 
 
@@ -816,7 +822,9 @@ def classify_cli(features: str, clinical: str, out: str, dl_predictions: str | N
         res = classify(features, clinical, out, dl_predictions=dl_predictions, design=design, models=names,
                        seed=seed, n_boot=n_boot, corr_threshold=corr_threshold, score_model=score_model)
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"classify: {exc}") from None
+        from analysis.clinical_table import usage_exit
+
+        raise usage_exit(f"classify: {exc}") from None
     s = res["summary"]
     best = max(s["models"], key=lambda m: s["models"][m]["macro_auc"] or 0)
     return (f"{s['n_patients']} patients ({s['n_excluded']} excluded), {len(s['selected_features'])} selected "

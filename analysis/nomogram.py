@@ -39,7 +39,15 @@ import pandas as pd
 
 from analysis.cox import CoxResult, fit_cox_with_fallback, parse_reference, variable_p_values
 from analysis.io import save_figure, write_csv, write_json
-from analysis.survival_table import DURATION, EVENT, SurvivalInputError, read_table, split_list
+from analysis.survival_table import (
+    DURATION,
+    EVENT,
+    SurvivalInputError,
+    check_duration_event,
+    read_table,
+    split_list,
+    table_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -508,14 +516,17 @@ def nomogram_cli(table: str, out: str, covariates, duration: str = DURATION, eve
         groups: quantile groups of predicted survival in the calibration (kept between 2 and n / 5).
         seed: seed of the calibration bootstrap.
     """
+    from analysis.clinical_table import TableInputError, usage_exit
+
     try:
-        df = read_table(table, join)
+        df = read_table(table, join, required=table_columns(duration, event, covariates, join))
+        check_duration_event(df, duration, event, where=str(table), file_rows=True)
         info = nomogram(df, duration, event, split_list(covariates), split_list(categorical),
                         parse_reference(reference), float(penalizer), split_list(variables) or None, float(alpha),
                         _floats(times), float(horizon), float(cutoff), int(n_boot), int(groups), int(seed),
                         out=out).summary
-    except SurvivalInputError as exc:
-        raise SystemExit(f"nomogram: {exc}") from None
+    except (SurvivalInputError, TableInputError) as exc:
+        raise usage_exit(f"nomogram: {exc}") from None
     return (f"variables {info['variables']}; {info['n_high_risk']} of {info['n']} patients high risk "
             f"(predicted {_fmt(info['horizon_months'])}-month mortality > {info['cutoff']})")
 

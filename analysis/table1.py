@@ -204,21 +204,17 @@ def table1_cli(clinical: str, group: str = "treatment", out: str = "table1.csv",
             mrecist column (joined on patient_id; patients absent from it are N/A).
         mrecist_column: the column of --mrecist to use, e.g. best_response, response_t1 or response_t2.
     """
-    from analysis.cohort import read_clinical
+    from analysis.clinical_table import read_clinical_table, usage_exit
 
-    path = Path(clinical)
-    if not path.exists():
-        raise SystemExit(f"clinical table {path} not found")
-    resp = None
-    if mrecist is not None:
-        if not Path(mrecist).exists():
-            raise SystemExit(f"mRECIST table {mrecist} not found")
-        # keep_default_na=False: the response "NA" is a category here, not a missing value
-        resp = pd.read_csv(mrecist, dtype=str, keep_default_na=False)
     try:
-        table = table1(read_clinical(path), group=group, mrecist=resp, mrecist_column=mrecist_column)
+        frame = read_clinical_table(clinical, required=("patient_id", group))
+        resp = None
+        if mrecist is not None:
+            # every cell as text: the response "NA" is a category here, not a missing value
+            resp = read_clinical_table(mrecist, required=("patient_id", mrecist_column), typed=False)
+        table = table1(frame, group=group, mrecist=resp, mrecist_column=mrecist_column)
     except ValueError as exc:
-        raise SystemExit(f"table1: {exc}") from exc
+        raise usage_exit(f"table1: {exc}") from None
     write_table1(table, out)
     summary = table.attrs["summary"]
     return f"{out}: {len(table)} rows, {summary['n']} patients in groups {summary['groups']}"
