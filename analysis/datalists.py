@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import io
-from analysis.cohort import TIMEPOINTS, find_scan, read_clinical
+from analysis.clinical_table import RULE_COLUMNS, read_clinical_table
+from analysis.cohort import TIMEPOINTS, find_scan
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,14 @@ def assign_folds(labels: pd.Series, folds: int = 4, seed: int = 0) -> pd.Series:
     return out
 
 
+def _clinical(cohort: Path) -> pd.DataFrame:
+    """The cohort's clinical.csv through the verbs' one reader: every patient id follows the rule
+    (it becomes a path in the datalists) and appears once; the risk-class rule's columns are there."""
+    return read_clinical_table(Path(cohort) / "clinical.csv", required=("patient_id", *RULE_COLUMNS))
+
+
 def segmentation_datalist(cohort: Path, base: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
-    clinical = read_clinical(cohort / "clinical.csv")
+    clinical = _clinical(cohort)
     ids = list(clinical["patient_id"])
     labelled = [pid for pid in ids if all(find_scan(cohort / "labels", pid, tp) for tp in TIMEPOINTS)]
     partial = [pid for pid in ids if pid not in labelled and find_scan(cohort / "labels", pid, "t0")]
@@ -99,7 +106,7 @@ def segmentation_datalist(cohort: Path, base: Path, val_fraction: float = 0.2, s
 
 
 def prognosis_datalist(cohort: Path, base: Path, masks: Path, folds: int = 4, seed: int = 0) -> dict:
-    clinical = read_clinical(cohort / "clinical.csv")
+    clinical = _clinical(cohort)
 
     def item(pid: str) -> dict:
         entry: dict = {"patient_id": pid}
@@ -182,7 +189,12 @@ def datalists_cli(cohort: str, out: str | None = None, folds: int = 4, seed: int
         val_fraction: fraction of the labelled patients held out for segmentation validation (rounded; at
             least one patient on each side when there are two or more).
     """
-    paths = write_datalists(cohort, out=out, folds=folds, seed=seed, masks=masks, dataset_dir=dataset_dir,
-                            val_fraction=val_fraction)
+    from analysis.clinical_table import usage_exit
+
+    try:
+        paths = write_datalists(cohort, out=out, folds=folds, seed=seed, masks=masks, dataset_dir=dataset_dir,
+                                val_fraction=val_fraction)
+    except ValueError as exc:
+        raise usage_exit(f"datalists: {exc}") from None
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -27,6 +27,7 @@ __all__ = [
     "save_figure",
     "save_nifti",
     "file_sha256",
+    "path_under",
 ]
 
 
@@ -128,6 +129,22 @@ def save_nifti(path: str | os.PathLike, array, affine, dtype=None, header=None) 
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def path_under(folder: str | os.PathLike, *parts: str | os.PathLike) -> Path:
+    """``folder/part/...``, after checking that it resolves to a path strictly inside ``folder``.
+
+    Every output path built from an outside value (a patient id, a file name) goes through here:
+    ``..``, an absolute part or a symbolic link leading out of ``folder`` raises ValueError naming
+    both, before anything is written. Returns the joined path as given (not resolved).
+    """
+    base = Path(folder)
+    target = base.joinpath(*parts)
+    root, resolved = base.resolve(), target.resolve()
+    if resolved == root or root not in resolved.parents:
+        raise ValueError(f"output path {str(target)!r} (from {[str(p) for p in parts]}) resolves to {resolved}, "
+                         f"which is not inside the output folder {root}; expected a path under it")
+    return target
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -27,7 +27,12 @@ ROI rules:
 
 Caching: each patient's result is stored in ``cache_dir`` under a key made of the SHA-256 of the
 image file, the mask file, the settings file, the ROI labels and the PyRadiomics version, so a
-re-run recomputes only patients whose inputs changed. Failures are not cached.
+re-run recomputes only patients whose inputs changed. Failures are not cached. A cache file's path
+is checked to lie inside ``cache_dir`` (:func:`analysis.io.path_under`).
+
+Patient ids follow the one rule of :func:`analysis.cohort.check_patient_id` (clinical.csv ids,
+folder names under images/, ``patients=``); an id breaking it stops the run before any work.
+With ``jobs > 1`` the pool workers end with the run, even when it is killed (``kill -9``).
 """
 
 from __future__ import annotations
@@ -46,8 +51,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.cohort import AFFINE_TOLERANCE_MM, TIMEPOINTS, find_scan, image_path, mask_path
-from analysis.io import file_sha256, write_csv, write_json, write_text
+from analysis.cohort import (
+    AFFINE_TOLERANCE_MM,
+    TIMEPOINTS,
+    check_patient_id,
+    find_scan,
+    image_path,
+    mask_path,
+)
+from analysis.io import file_sha256, path_under, write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +185,8 @@ def extract_patient(task: dict) -> dict:
 
     ``task``: patient_id, image, mask, labels, params (path), settings_sha256, cache_dir.
     Returns {patient_id, features, diagnostics, error, cache_hit}. Never raises for a patient
-    problem: the reason goes into ``error``.
+    problem: the reason goes into ``error``. Raises ValueError when the cache file (named after
+    the patient id) would lie outside ``cache_dir``, before any extraction or write.
     """
     import SimpleITK as sitk
 
@@ -183,7 +196,7 @@ def extract_patient(task: dict) -> dict:
     if task.get("cache_dir"):
         key = _cache_key(file_sha256(task["image"]), file_sha256(task["mask"]), task["settings_sha256"],
                          tuple(task["labels"]))
-        cache_file = Path(task["cache_dir"]) / f"{pid}_{key[:24]}.json"
+        cache_file = path_under(task["cache_dir"], f"{pid}_{key[:24]}.json")
         if cache_file.exists():
             try:
                 cached = json.loads(cache_file.read_text())
@@ -219,7 +232,62 @@ def extract_patient(task: dict) -> dict:
     return out
 
 
-def _worker_init(threads: int) -> None:
+#: Linux prctl option: the signal a process gets when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has ended), from Linux's /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this pool worker when the run that started it ends, even by SIGKILL.
+
+    On Linux the kernel sends SIGKILL when the worker's parent dies (prctl PR_SET_PDEATHSIG; with
+    the forkserver start method the parent is the server, which itself ends with the run); a run
+    that died before the signal was armed is caught by looking at ``parent_pid`` in /proc. On other
+    POSIX systems a daemon thread polls the parent's pid once a second. Without this, a killed
+    ``radiomics`` run leaves its workers computing the tasks already queued to them and writing
+    cache files.
+    """
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if os.getppid() != parent_pid and not _running(parent_pid):  # the run ended before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+        if armed:
+            return
+    if os.name != "posix":
+        return
+    ppid = os.getppid()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == ppid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="radiomics-parent-watch", daemon=True).start()
+
+
+def _worker_init(threads: int, parent_pid: int | None = None) -> None:
+    # a worker ends with the run that started it (kill -9 included), so no orphan goes on writing
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     # each process gets its share of the cores: SimpleITK filters are multithreaded
     import SimpleITK as sitk
 
@@ -228,15 +296,23 @@ def _worker_init(threads: int) -> None:
 
 
 def list_patients(cohort: str | Path, timepoint: str) -> list[str]:
-    """Patients of the cohort: clinical.csv ids (when present) plus folders under images/."""
+    """Patients of the cohort: clinical.csv ids (when present) plus folders under images/.
+
+    Ids follow the one patient-id rule (analysis.cohort.check_patient_id): clinical.csv is read by
+    the verbs' reader (ids checked, no repeats) and a folder under images/ whose name breaks the
+    rule is refused; hidden folders (``.name``) are not patients and are skipped.
+    """
+    from analysis.clinical_table import read_clinical_table
+
     cohort = Path(cohort)
     ids: list[str] = []
     clinical = cohort / "clinical.csv"
     if clinical.exists():
-        ids += pd.read_csv(clinical, dtype=str, keep_default_na=False)["patient_id"].str.strip().tolist()
+        ids += read_clinical_table(clinical, required=("patient_id",), typed=False)["patient_id"].tolist()
     images = cohort / "images"
     if images.is_dir():
-        ids += sorted(p.name for p in images.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+        ids += [check_patient_id(name, f"{images / name} (a patient folder)") for name in folders]
     return list(dict.fromkeys(i for i in ids if i))
 
 
@@ -262,6 +338,8 @@ def extract_all(cohort: str | Path, masks: str | Path, timepoint: str = "t1", ro
     errors: list[dict] = []
     tasks: list[dict] = []
     mismatches: list[str] = []
+    if patients is not None:
+        patients = [check_patient_id(pid, f"patients[{i}]") for i, pid in enumerate(patients)]
     for pid in patients if patients is not None else list_patients(cohort, timepoint):
         img = find_scan(cohort / "images", pid, timepoint)
         msk = find_scan(masks, pid, timepoint)
@@ -297,7 +375,7 @@ def extract_all(cohort: str | Path, masks: str | Path, timepoint: str = "t1", ro
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init,
-                                                           initargs=(threads,)))
+                                                           initargs=(threads, os.getpid())))
             # largest first (longest-processing-time scheduling): a big ROI left to the end would
             # keep one worker busy while the other idles. The label file's size is a free proxy
             # for the ROI's extent (more label boundary compresses worse).
@@ -410,7 +488,9 @@ def radiomics_cli(cohort: str, masks: str, out: str = "features.csv", timepoint:
         result = extract_all(cohort, masks, timepoint=timepoint, roi=roi, params=params, jobs=jobs,
                              cache_dir=None if no_cache else cache_dir)
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"radiomics: {exc}") from None
+        from analysis.clinical_table import usage_exit
+
+        raise usage_exit(f"radiomics: {exc}") from None
     paths = write_result(result, out)
     p = result.provenance
     return (f"{p['n_patients']} patients x {p['n_features']} features -> {paths['features']}; "

@@ -475,11 +475,17 @@ def _agreement(ctx: StudyContext, staging: Path) -> dict:
 
 
 def _masks(ctx: StudyContext, staging: Path, bar) -> dict:
-    """Masks used downstream: manual label where present (unless --masks-source segmentation)."""
+    """Masks used downstream: manual label where present (unless --masks-source segmentation).
+
+    Each mask's path is built from a patient id checked by the one rule and checked to lie
+    inside ``staging`` (analysis.io.path_under) before anything is copied."""
+    from analysis.cohort import check_patient_id
+
     clinical = read_clinical(ctx.clinical)
     rows = []
     bar.reset(total=len(clinical) * len(TIMEPOINTS))
-    for pid in clinical["patient_id"]:
+    for i, pid in enumerate(clinical["patient_id"]):
+        check_patient_id(pid, f"{ctx.clinical} row {i + 2}")
         for tp in TIMEPOINTS:
             manual = find_scan(ctx.cohort / "labels", pid, tp)
             auto = find_scan(ctx.path("segmentation_inference"), pid, tp)
@@ -490,7 +496,7 @@ def _masks(ctx: StudyContext, staging: Path, bar) -> dict:
             else:
                 raise StageFailure(f"patient {pid} time point {tp}: no manual label and no segmentation output "
                                    f"(looked in {ctx.cohort / 'labels'} and {ctx.path('segmentation_inference')})")
-            dst = staging / pid / f"{tp}.nii.gz"
+            dst = io.path_under(staging, pid, f"{tp}.nii.gz")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             rows.append({"patient_id": pid, "timepoint": tp, "source": kind})

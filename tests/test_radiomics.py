@@ -7,6 +7,7 @@ four real extractions in all; the cache and error paths reuse them or use a stan
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -219,3 +220,71 @@ def test_cli_bad_input_is_one_line_exit(cohort, tmp_path):
     with pytest.raises(SystemExit, match=r"^radiomics: --roi 'lung' is not known"):
         R.radiomics_cli(str(cohort), str(cohort / "masks"), out=str(tmp_path / "f.csv"), roi="lung")
     assert not (tmp_path / "f.csv").exists()
+
+
+# ------------------------------------------------------------------ pool workers end with the run
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid``, from /proc (psutil may not be installed)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_pool_workers_end_when_the_run_is_killed(tmp_path):
+    """kill -9 of ``radiomics --jobs 2``: its pool workers are gone within seconds and write no
+    further cache file (before, they went on with the tasks queued to them, then hung)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    for i in range(8):
+        _patient(tmp_path, f"K{i:02d}", i % 4)
+    cache = tmp_path / "out" / ".radiomics_cache"
+    proc = subprocess.Popen([sys.executable, "-m", "analysis", "radiomics", str(tmp_path), str(tmp_path / "masks"),
+                             "--out", str(tmp_path / "out" / "features.csv"), "--jobs", "2"], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, f"no pool workers seen (exit status {proc.poll()})"
+        time.sleep(1.0)  # the workers have taken their first tasks
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w for w in workers if _running(w)] == []
+        written = sorted(cache.glob("*")) if cache.is_dir() else []
+        time.sleep(3.0)
+        assert (sorted(cache.glob("*")) if cache.is_dir() else []) == written
+        assert len(written) < 8  # killed mid-run
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
