@@ -237,11 +237,30 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log_file: Path
         progress.close()
     if returncode != 0:
         with open(log_file) as fh:
-            tail = "".join(fh.readlines()[-25:])
-        raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {returncode}; "
-                           f"log {log_file}; last lines:\n{tail}")
+            lines = fh.readlines()
+        cause = root_cause(lines)
+        raise StageFailure(f"{bundle.name} {' '.join(configs)} exited with status {returncode}"
+                           + (f": {cause}" if cause else "") + f"\n(log {log_file}; last lines:\n"
+                           + "".join(lines[-25:]) + ")")
     if bar is not None:
         bar.update(1)
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Failure|Exit)): (.+)$")
+#: MONAI's wrappers around the error a config's code raised: never the cause itself
+_WRAPPERS = ("Failed to instantiate component", "Failed to evaluate ConfigExpression", "Failed to import")
+
+
+def root_cause(log_lines) -> str | None:
+    """The error that stopped a bundle run, from its log: the first exception line of the last
+    traceback that is not one of MONAI's wrappers (Python prints a chain's root cause first)."""
+    text = [line.rstrip("\n") for line in log_lines]
+    starts = [i for i, line in enumerate(text) if line.startswith("Traceback (most recent call last)")]
+    for line in text[starts[0] if starts else 0:]:
+        m = _EXCEPTION_LINE.match(line)
+        if m and not m.group(2).startswith(_WRAPPERS):
+            return f"{m.group(1)}: {m.group(2)}"
+    return None
 
 
 # ---------------------------------------------------------------------------------- stages

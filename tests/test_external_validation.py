@@ -295,3 +295,25 @@ def test_bundle_progress_counts_epochs_and_scans():
     quiet = BundleProgress(None, "x", epochs=2)
     quiet.feed(lines[0])
     assert quiet.bar is None and quiet.count == 0
+
+
+def test_a_failed_bundle_run_names_its_root_cause(tmp_path):
+    """Issue 15: the study's failure line says why a bundle stopped (the error its config's code
+    raised), not only MONAI's wrapper; the log keeps the whole story."""
+    from analysis.pipeline import StageFailure
+    from analysis.study import root_cause, run_bundle
+
+    log = ["2026-12-05 - INFO - starting\n", "Traceback (most recent call last):\n", '  File "x.py", line 3\n',
+           "ValueError: image file /c/P9/t0.nii.gz: 1 voxel(s) are NaN or infinite; expected finite intensities\n",
+           "\n", "The above exception was the direct cause of the following exception:\n", "\n",
+           "Traceback (most recent call last):\n",
+           "RuntimeError: Failed to instantiate component 'scripts.checks.checked_inputs' with keywords: data\n"]
+    assert root_cause(log) == ("ValueError: image file /c/P9/t0.nii.gz: 1 voxel(s) are NaN or infinite; "
+                               "expected finite intensities")
+    assert root_cause(["all fine\n"]) is None
+    # a real run: a missing datalist
+    with pytest.raises(StageFailure) as exc:
+        run_bundle(BUNDLES / "progswin_prognosis", ["cross_validate.json"],
+                   {"dataset_dir": str(tmp_path), "output_dir": str(tmp_path / "o")}, tmp_path / "cv.log")
+    first = str(exc.value).splitlines()[0]
+    assert first.endswith(f"FileNotFoundError: prognosis datalist not found: {tmp_path}/datalists/prognosis.json")

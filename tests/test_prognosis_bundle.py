@@ -290,6 +290,14 @@ def test_input_module_bad_inputs(cohort, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros(src.shape, np.uint8), src.affine), empty)
     msg = _input_error(lambda: _preprocess(cohort, dict(item, mask_t0=str(empty))))
     assert msg.startswith(f"patient {pid}: time point t0: mask is empty (no liver or tumour voxel) in {empty}")
+    # issue 15: non-finite voxels are named with patient, time point and file
+    img = nib.load(item["image_t1"])
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    arr[1, 2, 3], arr[4, 5, 6] = np.nan, -np.inf
+    nan_scan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(arr, img.affine), nan_scan)
+    msg = _input_error(lambda: _preprocess(cohort, dict(item, image_t1=str(nan_scan))))
+    assert msg.startswith(f"patient {pid}: time point t1: 2 voxel(s) are NaN or infinite in {nan_scan}")
 
 
 def test_datalist_errors(cohort, tmp_path):
@@ -304,11 +312,43 @@ def test_datalist_errors(cohort, tmp_path):
         load_items(str(bad), str(cohort["dir"]))
     with pytest.raises(ValueError, match=r"patient\(s\) \['NOPE'\] not in"):
         load_items(cohort["datalist"], str(cohort["dir"]), patients=["NOPE"])
+    # issue 15: the cohort contract's id rule, the bundle's own copy: ids name output folders
+    for bad_id in ("../../escaped", "P1/x", "", "P 1"):
+        bad.write_text(json.dumps({"training": [{"patient_id": bad_id, "label": 1, "fold": 0}]}))
+        with pytest.raises(ValueError, match=r"training\[0\]: patient_id .* does not match"):
+            load_items(str(bad), str(cohort["dir"]))
     train = load_items(cohort["datalist"], str(cohort["dir"]), exclude_folds=[1])
     val = load_items(cohort["datalist"], str(cohort["dir"]), folds=[1])
     assert {i["patient_id"] for i in train}.isdisjoint({i["patient_id"] for i in val})
     assert len(train) + len(val) == len(cohort["items"]) == 8
     assert all(os.path.isabs(i["image_t0"]) and os.path.exists(i["mask_t2"]) for i in train)
+
+
+def test_patient_id_rule_is_one_rule_in_three_copies():
+    """analysis (the schema), and each bundle's own copy (a bundle runs alone) agree."""
+    from analysis.cohort import PATIENT_ID_PATTERN
+
+    _bundle_on_path()
+    from scripts.data import PATIENT_ID
+
+    seg = (REPO / "bundles" / "hcc_liver_seg" / "scripts" / "checks.py").read_text()
+    assert PATIENT_ID.pattern == PATIENT_ID_PATTERN and f're.compile(r"{PATIENT_ID_PATTERN}")' in seg
+
+
+def test_gradcam_output_stays_under_its_folder(tmp_path):
+    _bundle_on_path()
+    from scripts.data import check_patient_id
+    from scripts.io import path_under
+
+    assert path_under(str(tmp_path), "P001", "montage.png") == str(tmp_path.resolve() / "P001" / "montage.png")
+    for parts in (("..", "escaped"), ("/etc",), ("P1", "..", "..", "x")):
+        with pytest.raises(ValueError, match="outside the output folder"):
+            path_under(str(tmp_path), *parts)
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(ValueError, match="outside the output folder"):
+        path_under(str(tmp_path), "link", "x")
+    with pytest.raises(ValueError, match="Grad-CAM"):
+        check_patient_id("../../escaped", "Grad-CAM++ item")
 
 
 # ----------------------------------------------------------------------------- unit: network
@@ -663,6 +703,9 @@ def test_share_model_puts_a_fold_model_where_zoo_tooling_finds_it(cv, tmp_path):
     want = torch.load(fold0, map_location="cpu", weights_only=True)
     got = torch.load(shared, map_location="cpu", weights_only=True)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert shared.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as a plain open() would leave it
 
     ts = tmp_path / "model.ts"
     ckpt_export(net_id="network_def", filepath=str(ts), meta_file=str(CONFIGS / "metadata.json"),

@@ -95,7 +95,7 @@ def test_boolean_ids_from_the_command_line(cohort, tmp_path, text, on):
 
     fold_dir = tmp_path / "models" / "fold0"
     fold_dir.mkdir(parents=True)
-    (fold_dir / "checkpoint_epoch=3.pt").write_bytes(b"")
+    torch.save({"model": {}}, fold_dir / "checkpoint_epoch=3.pt")  # readable: resume takes it
     common = {**TINY, "dataset_dir": cohort["dir"], "datalist": cohort["datalist"], "ckpt_dir": str(tmp_path / "models")}
     p = _parser(["train.json"], **{**common, "resume": text, "amp": text, "balanced_sampling": text,
                                    "network_def#use_checkpoint": text, "keep_timepoints": text, "cache_rate": 0.0})

@@ -193,7 +193,7 @@ def test_boolean_ids_from_the_command_line(data, tmp_path, text, on):
     _bundle_on_path()
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
-    (ckpt_dir / "checkpoint_epoch=3.pt").write_bytes(b"")
+    torch.save({"model": {}}, ckpt_dir / "checkpoint_epoch=3.pt")  # readable: resume takes it
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json")])
     parser.update({**TRAIN, "bundle_root": str(BUNDLE), "dataset_dir": str(data["cohort"]),
@@ -241,6 +241,75 @@ def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):
         _run(["train.json"], dataset_dir=str(data["cohort"]), datalist=str(data["datalist"]),
              ckpt_dir=str(tmp_path / "empty"), output_dir=str(tmp_path / "eval"), **{**TRAIN, "resume": True})
     assert f"no checkpoint_epoch=<n>.pt checkpoint in {tmp_path / 'empty'}" in _messages(exc.value)
+
+
+#: imported by the killed training run (PYTHONPATH): the 2nd save of a training state writes half
+#: of it to the file ignite is saving into, tells the test, and hangs there until killed
+_SLOW_SAVE = """
+import os, time, io, torch
+_save, _calls = torch.save, []
+def _slow(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and "trainer" in obj:
+        _calls.append(1)
+        if len(_calls) == 2:
+            buf = io.BytesIO()
+            _save(obj, buf, *args, **kwargs)
+            half = buf.getvalue()[: len(buf.getvalue()) // 2]
+            f.write(half) if hasattr(f, "write") else open(f, "wb").write(half)
+            getattr(f, "flush", lambda: None)()
+            open(os.environ["SAVE_MARKER"], "w").write(str(getattr(f, "name", f)))
+            time.sleep(600)
+    return _save(obj, f, *args, **kwargs)
+torch.save = _slow
+"""
+
+
+def test_kill_during_checkpoint_save_then_resume(data, tmp_path):
+    """Issue 15: kill -9 a training run in the middle of saving epoch 2's checkpoint; no corrupt
+    checkpoint is loaded on resume: it continues from epoch 1's, the latest good one. A
+    checkpoint cut short under the newest name is skipped with a warning naming it."""
+    import signal
+    import time
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_SAVE)
+    marker, ckpt = tmp_path / "saving", tmp_path / "models"
+    over = {**TRAIN, "max_epochs": 3, "val_interval": 100, "dataset_dir": str(data["cohort"]),
+            "datalist": str(data["datalist"]), "ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "eval")}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"),
+           "--bundle_root", str(BUNDLE)] + [a for k, v in over.items()
+                                            for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(BUNDLE)]), "SAVE_MARKER": str(marker)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), "the run never reached its second checkpoint save"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # MONAI's CheckpointSaver writes in place (not atomic) after removing the oldest: keeping 2
+    # (n_saved) leaves epoch 1 whole beside the half-written epoch 2
+    assert sorted(p.name for p in ckpt.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt",
+                                                                          "checkpoint_epoch=2.pt"]
+    _bundle_on_path()
+    from scripts.checks import resume_checkpoint
+
+    with pytest.raises(Exception):
+        torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)
+    assert resume_checkpoint(str(ckpt), "true") == str(ckpt / "checkpoint_epoch=1.pt")
+    wf = _run(["train.json"], **{**over, "max_epochs": 2, "resume": "true"})
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert (trainer.state.epoch, trainer.state.iteration) == (2, 2)  # epoch 2 again, from epoch 1's state
+    assert torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 2
+    (ckpt / "checkpoint_epoch=1.pt").write_bytes(b"")
+    (ckpt / "checkpoint_epoch=2.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ValueError, match="no checkpoint can be read: .*checkpoint_epoch=2.pt.*checkpoint_epoch=1.pt"):
+        resume_checkpoint(str(ckpt), "true")
 
 
 def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, data, tmp_path):
@@ -375,6 +444,96 @@ def test_empty_input_folder_is_a_clear_error(tmp_path, trained):
         _run(["inference.json"], "infer", input_dir=str(tmp_path / "in"), ckpt_dir=str(trained["ckpt_dir"]),
              output_dir=str(tmp_path / "masks"), **TINY)
     assert f"no input images found in {tmp_path / 'in'}" in _messages(exc.value)
+
+
+def _two_scans(data, tmp_path, bad_name: str = "P9"):
+    """An input folder of a good scan (P0, segmented first) and a place for a bad one."""
+    src = data["cohort"] / json.loads(data["datalist"].read_text())["testing"][0]["image"]
+    inputs = tmp_path / "in"
+    (inputs / "P0").mkdir(parents=True)
+    shutil.copyfile(src, inputs / "P0" / "t0.nii.gz")
+    bad = inputs / bad_name / "t0.nii.gz"
+    bad.parent.mkdir()
+    return inputs, bad, nib.load(src)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_scan_stops_the_run_before_any_mask(data, tmp_path, trained, value):
+    """Issue 15: a scan with NaN/Inf voxels is named and the run writes no mask (it wrote an
+    all-zero one with 'no liver found'); with continue_on_error the others are segmented and
+    the failure goes to failures.csv."""
+    inputs, bad, good = _two_scans(data, tmp_path)
+    arr = np.asanyarray(good.dataobj).astype(np.float32)
+    arr[3, 4, 5] = value
+    nib.save(nib.Nifti1Image(arr, good.affine), bad)
+    out = tmp_path / "masks"
+    with pytest.raises(Exception) as exc:
+        _run(["inference.json"], "infer", input_dir=str(inputs), ckpt_dir=str(trained["ckpt_dir"]),
+             output_dir=str(out), **TINY)
+    msg = _messages(exc.value)
+    assert f"image file {bad}: 1 voxel(s) are NaN or infinite" in msg and "no mask written" in msg
+    assert not out.exists() or not list(out.rglob("*"))
+    _run(["inference.json"], "infer", input_dir=str(inputs), ckpt_dir=str(trained["ckpt_dir"]),
+         output_dir=str(out), continue_on_error="true", **TINY)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == ["P0/t0.nii.gz"]
+    failures = (out / "failures.csv").read_text().splitlines()
+    assert failures[0] == "image,error" and len(failures) == 2 and str(bad) in failures[1]
+    assert not (out / ".partial").exists()
+
+
+def test_truncated_scan_is_named_before_any_mask(data, tmp_path, trained):
+    """The header alone reads fine; the voxels do not: named before P0's mask is written."""
+    inputs, bad, _ = _two_scans(data, tmp_path)
+    full = (inputs / "P0" / "t0.nii.gz").read_bytes()
+    bad.write_bytes(full[: len(full) // 2])
+    out = tmp_path / "masks"
+    with pytest.raises(Exception) as exc:
+        _run(["inference.json"], "infer", input_dir=str(inputs), ckpt_dir=str(trained["ckpt_dir"]),
+             output_dir=str(out), **TINY)
+    assert f"image file is not a readable NIfTI image: {bad}" in _messages(exc.value)
+    assert not out.exists() or not list(out.rglob("*.nii.gz"))
+
+
+def test_link_to_a_scan_outside_the_input_folder_is_named(data, tmp_path, trained):
+    inputs, bad, _ = _two_scans(data, tmp_path)
+    elsewhere = tmp_path / "elsewhere.nii.gz"
+    shutil.copyfile(inputs / "P0" / "t0.nii.gz", elsewhere)
+    bad.symlink_to(elsewhere)
+    with pytest.raises(Exception) as exc:
+        _run(["inference.json"], "infer", input_dir=str(inputs), ckpt_dir=str(trained["ckpt_dir"]),
+             output_dir=str(tmp_path / "masks"), **TINY)
+    assert f"links to files outside data_root_dir {inputs}, e.g. {bad} -> {elsewhere}" in _messages(exc.value)
+
+
+def test_a_run_that_fails_midway_keeps_no_mask_of_it(tmp_path):
+    """CommitOutputs: masks go to the staging folder and move into output_dir only when the run
+    completes; an error on the second case leaves output_dir as it was (an earlier run's mask
+    stays) and removes the staging folder."""
+    from ignite.engine import Engine
+
+    _bundle_on_path()
+    from scripts.handlers import CommitOutputs
+
+    out, staging = tmp_path / "masks", tmp_path / "masks" / ".partial"
+    (out / "OLD").mkdir(parents=True)
+    (out / "OLD" / "t0.nii.gz").write_bytes(b"earlier run")
+
+    def step(engine, batch):
+        (staging / f"P{batch}").mkdir(parents=True, exist_ok=True)
+        (staging / f"P{batch}" / "t0.nii.gz").write_bytes(b"mask")
+        if batch == fail_at:
+            raise RuntimeError("out of memory on case 2")
+
+    for fail_at, expected in ((1, ["OLD/t0.nii.gz"]), (None, ["OLD/t0.nii.gz", "P0/t0.nii.gz", "P1/t0.nii.gz"])):
+        engine = Engine(step)
+        CommitOutputs(str(staging), str(out)).attach(engine)
+        if fail_at is None:
+            engine.run([0, 1])
+        else:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                engine.run([0, 1])
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == expected
+        assert not staging.exists()
 
 
 def test_label_values_outside_0_1_2_name_the_file(data, tmp_path):

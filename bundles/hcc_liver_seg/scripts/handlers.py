@@ -116,12 +116,54 @@ class ProgressLogger:
                     time.perf_counter() - self._t0)
 
 
-def _atomic_csv(path: str, header: list[str], rows: list[list]) -> None:
+class CommitOutputs:
+    """All or nothing per inference run: the masks are written under ``staging_dir`` and moved
+    into ``output_dir`` (same relative paths, one rename each) only when the run completes; a run
+    that fails (or is stopped) removes the staging folder, so ``output_dir`` never holds a partial
+    set from it. A staging folder left by a killed run is cleared when the next run starts."""
+
+    def __init__(self, staging_dir: str, output_dir: str) -> None:
+        self.staging_dir, self.output_dir = staging_dir, output_dir
+
+    def attach(self, engine: Engine) -> None:
+        import shutil
+
+        engine.add_event_handler(Events.STARTED, lambda e: shutil.rmtree(self.staging_dir, ignore_errors=True))
+        engine.add_event_handler(Events.COMPLETED, self._commit)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._discard)
+
+    def _commit(self, engine: Engine) -> None:
+        import os
+        import shutil
+
+        moved = 0
+        for folder, _, files in os.walk(self.staging_dir):
+            for name in files:
+                src = os.path.join(folder, name)
+                dst = os.path.realpath(os.path.join(self.output_dir, os.path.relpath(src, self.staging_dir)))
+                if not dst.startswith(os.path.realpath(self.output_dir).rstrip(os.sep) + os.sep):
+                    raise ValueError(f"{src}: its output path {dst} lies outside {self.output_dir}")
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+                moved += 1
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        logger.info("wrote %d mask(s) to %s", moved, self.output_dir)
+
+    def _discard(self, engine: Engine, e: Exception) -> None:
+        import shutil
+
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        logger.error("inference stopped (%s: %s); no mask of this run kept in %s", type(e).__name__, e,
+                     self.output_dir)
+        raise e
+
+
+def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
     import csv
     import os
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}"  # a run interrupted mid-write leaves the old file or none
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -174,9 +216,9 @@ class SegmentationReport:
                 values.append(f"{float(v.nanmean()) if v.numel() else float('nan'):.6g}")
             rows.append(case + values)
         header = ["image", *self.id_keys, *[self._name(n) for n in names]]
-        _atomic_csv(os.path.join(self.output_dir, "per_case.csv"), header, rows)
+        write_csv_atomic(os.path.join(self.output_dir, "per_case.csv"), header, rows)
         metrics = {self._name(k): v for k, v in engine.state.metrics.items()}
-        _atomic_csv(os.path.join(self.output_dir, "metrics_summary.csv"), ["n_cases", *metrics],
+        write_csv_atomic(os.path.join(self.output_dir, "metrics_summary.csv"), ["n_cases", *metrics],
                     [[len(self.cases), *[f"{float(v):.6g}" for v in metrics.values()]]])
         logger.info("evaluation of %d case(s): %s", len(self.cases),
                     ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()))

@@ -61,11 +61,19 @@ class CheckNiftid(MapTransform):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{key} file not found: {path} (expected a NIfTI file .nii or .nii.gz)")
             try:
-                shape = tuple(int(s) for s in nib.load(path).shape)
+                img = nib.load(path)
+                shape = tuple(int(s) for s in img.shape)
+                # the voxels, not only the header: a truncated file fails here, named, rather than
+                # deep inside the loader after earlier cases were written
+                voxels = np.asanyarray(img.dataobj)
             except Exception as e:  # nibabel raises several types for corrupt/unknown files
                 raise ValueError(
                     f"{key} file is not a readable NIfTI image: {path} ({type(e).__name__}: {e})"
                 ) from e
+            if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+                bad = int(voxels.size - np.isfinite(voxels).sum())
+                raise ValueError(f"{key} file {path}: {bad} voxel(s) are NaN or infinite; expected finite "
+                                 f"intensities (check the export of this scan)")
             if len(shape) == 4 and shape[3] == 1:
                 continue
             if len(shape) != 3:

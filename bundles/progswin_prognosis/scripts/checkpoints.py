@@ -36,15 +36,34 @@ class CheckpointMismatchError(ValueError):
     """A pretrained checkpoint does not fit the network (feature_size, depths, channels)."""
 
 
-def latest_checkpoint(fold_dir: str) -> str | None:
-    """``checkpoint_epoch=N.pt`` with the highest N in ``fold_dir`` (CheckpointSaver's interval
-    files), or None when training has not saved one yet."""
+def epoch_checkpoints(fold_dir: str) -> list[str]:
+    """``checkpoint_epoch=N.pt`` files (CheckpointSaver's interval files) in ``fold_dir``, highest
+    N first."""
     found = []
     for path in glob.glob(os.path.join(fold_dir, "*epoch=*.pt")):
         m = re.search(r"epoch=(\d+)\.pt$", path)
         if m:
             found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def newest_readable(paths: Sequence[str]) -> str:
+    """The first of ``paths`` (newest first) that ``torch.load(weights_only=True)`` reads whole.
+
+    A checkpoint cut short (a copy or a save interrupted by a crash, a full disk) is skipped with
+    a warning naming it, so a resumed run continues from the latest good state instead of
+    failing on, or loading, a corrupt one; when none reads, the error names every file.
+    """
+    problems = []
+    for path in paths:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            problems.append(f"{path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+            log.warning("skipping unreadable checkpoint %s", problems[-1])
+            continue
+        return path
+    raise ValueError("resume requested but no checkpoint can be read: " + "; ".join(problems))
 
 
 def resume_checkpoint(ckpt_dir: str, resume=True) -> str | None:
@@ -53,10 +72,11 @@ def resume_checkpoint(ckpt_dir: str, resume=True) -> str | None:
     resuming with none there is an error naming the folder, never a silent fresh start."""
     if not as_bool(resume, "resume"):
         return None
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
+    found = epoch_checkpoints(ckpt_dir)
+    if not found:
         raise FileNotFoundError(f"resume requested but no checkpoint_epoch=<n>.pt checkpoint in {ckpt_dir}: train "
                                 f"once without --resume, or point --ckpt_dir at the folder holding it")
+    path = newest_readable(found)
     log.info("resuming from %s", path)
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 log = logging.getLogger(__name__)
@@ -13,6 +14,18 @@ TIMEPOINTS = ("t0", "t1", "t2")
 IMAGE_KEYS = tuple(f"image_{t}" for t in TIMEPOINTS)
 MASK_KEYS = tuple(f"mask_{t}" for t in TIMEPOINTS)
 UNLABELLED = -1  # label/fold value of an ``unlabelled`` item, so batches collate
+#: the cohort contract's patient-id rule (clinical.schema.json); the bundle runs alone, so it
+#: keeps its own copy (a test checks the copies agree): ids name output folders
+PATIENT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_patient_id(value, where: str) -> str:
+    """``value`` when it matches :data:`PATIENT_ID`, else a ValueError naming ``where``."""
+    text = str(value)
+    if not PATIENT_ID.fullmatch(text):
+        raise ValueError(f"{where}: patient_id {text!r} does not match {PATIENT_ID.pattern} (letters, digits, "
+                         f"_ and - only: ids name output folders)")
+    return text
 
 
 def load_items(
@@ -51,6 +64,7 @@ def load_items(
         for i, raw in enumerate(content.get(section, [])):
             if "patient_id" not in raw:
                 raise ValueError(f"{datalist}: {section}[{i}] has no 'patient_id'")
+            check_patient_id(raw["patient_id"], f"{datalist}: {section}[{i}]")
             item = dict(raw)
             if section == "training":
                 for key in ("label", "fold"):

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scripts.io import save_figure, save_nifti, write_csv
+from scripts.data import check_patient_id
+from scripts.io import path_under, save_figure, save_nifti, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def explain(cam, network: torch.nn.Module, dataset, output_dir: str, device, ckp
         heat = cam(x, class_idx=target)[0, 0].detach().cpu().float().numpy()  # (D, H, W), [0, 1]
         if heat.shape != tuple(x.shape[2:]):
             raise RuntimeError(f"patient {pid}: Grad-CAM++ map {heat.shape} != input {tuple(x.shape[2:])}")
-        out = os.path.join(output_dir, pid)
+        out = path_under(output_dir, check_patient_id(pid, "Grad-CAM++ item"))
         image = item["image"].cpu().numpy()
         for c, tp in enumerate(TIMEPOINTS):
             ref = item.get(f"image_{tp}")

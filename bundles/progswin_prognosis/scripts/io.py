@@ -19,6 +19,10 @@ def _atomic(path: str, write: Callable[[str], None]) -> str:
     suffix = "".join(os.path.basename(path).partition(".")[1:])
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
+    # mkstemp makes the file 0600; an output gets the mode a plain open() would give it
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -26,6 +30,16 @@ def _atomic(path: str, write: Callable[[str], None]) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
+
+
+def path_under(folder: str, *parts: str) -> str:
+    """``folder/parts...`` after checking that, resolved, it lies inside ``folder``."""
+    base = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(base, *[str(p) for p in parts]))
+    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise ValueError(f"output path {os.path.join(folder, *map(str, parts))} resolves to {path}, outside the "
+                         f"output folder {base}: refusing to write there")
     return path
 
 

@@ -63,6 +63,28 @@ class RequireNonEmptyMaskd(MapTransform):
         return d
 
 
+class RequireFinited(MapTransform):
+    """After loading: every voxel of each image is finite. A NaN or Inf would make the masked,
+    normalised input NaN and the prediction meaningless without any error."""
+
+    def __init__(self, keys: Sequence[Hashable], patient_key: str = "patient_id") -> None:
+        super().__init__(keys)
+        self.patient_key = patient_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            finite = torch.isfinite(torch.as_tensor(d[key]))
+            if not bool(finite.all()):
+                tp = str(key).rsplit("_", 1)[-1]
+                src = getattr(d[key], "meta", {}).get("filename_or_obj", "")
+                raise PrognosisInputError(
+                    f"patient {d.get(self.patient_key, '<no patient_id>')}: time point {tp}: "
+                    f"{int((~finite).sum())} voxel(s) are NaN or infinite" + (f" in {src}" if src else "")
+                    + "; expected finite intensities (check the export of this scan)")
+        return d
+
+
 def _pairs(image_keys: Sequence[Hashable], mask_keys: Sequence[Hashable]) -> list[tuple[Hashable, Hashable]]:
     image_keys, mask_keys = list(image_keys), list(mask_keys)
     if len(image_keys) != len(mask_keys) or not image_keys:
