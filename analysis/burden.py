@@ -25,6 +25,9 @@ Features (:func:`burden_features`), one row per patient, from the label masks
 Bad input raises, naming the file: a patient with a missing mask for any time point (every
 missing file is listed), an unreadable or truncated file, a volume that is not 3-D, label values
 other than 0/1/2, and a mask without liver or tumour (fraction undefined: a failed segmentation).
+Patient ids follow the one rule of :func:`analysis.cohort.check_patient_id` (each names a mask
+folder): clinical.csv is read by :func:`analysis.clinical_table.read_clinical_table` (refusals name
+the file row; repeated ids refused) and a patient folder whose name breaks the rule is refused.
 
 Model (:func:`burden_model`): StandardScaler then multinomial logistic regression (lbfgs, C = 1,
 class_weight = "balanced" since the four risk classes are unbalanced), fitted on each training
@@ -48,9 +51,25 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from analysis import metrics
-from analysis.cohort import LABELS, TIMEPOINTS, derive_risk_class, find_scan, mask_path, read_clinical
+from analysis.clinical_table import FIRST_ROW, RULE_COLUMNS, TableInputError, read_clinical_table, usage_exit
+from analysis.cohort import (
+    LABELS,
+    TIMEPOINTS,
+    check_patient_id,
+    derive_risk_class,
+    find_scan,
+    mask_path,
+    read_clinical,
+)
 from analysis.io import write_csv, write_json
-from analysis.models import NUM_CLASSES, PROB_COLUMNS, design_splits, predict_four_classes, prediction_frame, read_dl_predictions
+from analysis.models import (
+    NUM_CLASSES,
+    PROB_COLUMNS,
+    design_splits,
+    predict_four_classes,
+    prediction_frame,
+    read_dl_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +79,6 @@ __all__ = ["EPS_ML", "FEATURE_COLUMNS", "burden_cli", "burden_features", "burden
 EPS_ML = 0.1
 _FOLLOW_UPS = TIMEPOINTS[1:]
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-_RISK_INPUTS = ("os_months", "death", "imaging_high_risk")
 #: per-time-point measurement (key of _burden_at) -> feature name stem
 _MEASURES = (("volume_ml", "tumour_volume_ml"), ("fraction", "tumour_fraction"), ("count", "nodule_count"))
 FEATURE_COLUMNS: list[str] = [
@@ -77,47 +95,68 @@ FEATURE_COLUMNS: list[str] = [
 def _read_clinical(clinical) -> pd.DataFrame:
     """clinical.csv (path or DataFrame) with an Int64 ``risk_class``, filled by the rule where empty.
 
-    A file whose rule columns are present goes through :func:`analysis.cohort.read_clinical`,
-    the reader the prognosis datalist uses, so both see the same labelled patients.
+    A file goes through :func:`analysis.clinical_table.read_clinical_table` (no such or empty file,
+    delimiter, a patient_id column, every id by the one patient-id rule, no repeated id; refusals
+    name the file row, header = row 1); when the rule's columns are present the typed frame is
+    :func:`analysis.cohort.read_clinical`'s, the reader the prognosis datalist uses, so both see the
+    same labelled patients. A DataFrame's ids are held to the same rule (rows counted from 1).
     """
     if isinstance(clinical, pd.DataFrame):
-        frame, path, where = clinical.copy(), None, "clinical table"
+        # a table's rows are counted from 1, a file's as validate counts them (header = row 1)
+        frame, path, where, first = clinical.copy(), None, "clinical table", 1
+        if "patient_id" not in frame:
+            raise ValueError(f"{where}: no patient_id column (columns: {list(frame.columns)[:8]})")
+        frame["patient_id"] = frame["patient_id"].astype(str).str.strip()
+        for pos, pid in enumerate(frame["patient_id"].tolist()):
+            check_patient_id(pid, f"{where} row {pos + first}")
     else:
         path = Path(clinical)
-        if not path.is_file():
-            raise FileNotFoundError(f"--clinical {path}: no such file")
-        frame, where = pd.read_csv(path, dtype=str, keep_default_na=False), f"--clinical {path}"
-    if "patient_id" not in frame:
-        raise ValueError(f"{where}: no patient_id column (columns: {list(frame.columns)[:8]})")
-    can_derive = all(c in frame for c in _RISK_INPUTS)
+        frame = read_clinical_table(path, required=("patient_id",), typed=False)
+        where, first = str(path), FIRST_ROW
+    can_derive = all(c in frame for c in RULE_COLUMNS)
     if "risk_class" not in frame and not can_derive:
-        missing = [c for c in _RISK_INPUTS if c not in frame]
-        raise ValueError(f"{where}: no risk_class column and it cannot be derived (missing {missing}; "
-                         f"the rule needs {', '.join(_RISK_INPUTS)})")
+        missing = [c for c in RULE_COLUMNS if c not in frame]
+        header = " row 1 (header)" if path is not None else ""
+        raise TableInputError(f"{where}{header}: no risk_class column and column(s) "
+                              f"{', '.join(map(repr, missing))} of the rule not found; expected risk_class "
+                              f"or {', '.join(RULE_COLUMNS)} to derive it "
+                              f"(found: {', '.join(map(str, frame.columns))})")
     given = pd.Series(np.nan, index=frame.index)
     if "risk_class" in frame:
         text = frame["risk_class"].astype("string").str.strip().fillna("")
         given = pd.to_numeric(text.where(text != ""), errors="coerce").astype(float)
-        bad = (text != "") & ~given.isin(range(NUM_CLASSES))
-        if bad.any():
-            raise ValueError(f"{where}: risk_class {text[bad].tolist()[:5]} for patient(s) "
-                             f"{frame.loc[bad, 'patient_id'].tolist()[:5]}; expected 0..3 or empty")
+        bad = np.flatnonzero(((text != "") & ~given.isin(range(NUM_CLASSES))).to_numpy())
+        if len(bad):
+            shown = " | ".join(f"{where} row {pos + first} (patient_id {frame['patient_id'].iloc[pos]}): "
+                               f"risk_class: found {text.iloc[pos]!r}; expected 0, 1, 2, 3 or empty"
+                               for pos in bad[:5])
+            more = f" | ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise TableInputError(shown + more)
     if path is not None and can_derive:
         frame = read_clinical(path)
     frame["patient_id"] = frame["patient_id"].astype(str).str.strip()
     risk = given.fillna(derive_risk_class(frame).astype(float)) if can_derive else given
     frame["risk_class"] = risk.astype("Int64")
     dup = frame["patient_id"][frame["patient_id"].duplicated()].unique().tolist()
-    if dup:
+    if dup:  # a file's repeats are refused by read_clinical_table, naming the rows
         raise ValueError(f"{where}: patient_id repeated: {dup[:10]}")
     return frame
 
 
-def _clinical_ids(path: Path) -> list[str]:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "patient_id" not in frame:
-        raise ValueError(f"{path}: no patient_id column (columns: {list(frame.columns)[:8]})")
-    return [p for p in frame["patient_id"].str.strip() if p]
+def _patient_ids(cohort: Path, masks: Path, patient_ids) -> list[str]:
+    """The patients of :func:`burden_features`, each id by the one patient-id rule (it names a folder).
+
+    ``patient_ids`` if given, else the cohort's clinical.csv (through
+    :func:`analysis.clinical_table.read_clinical_table`: refusals name the file row), else the
+    patient folders of ``masks`` (hidden folders, ``.name``, are not patients and are skipped).
+    """
+    if patient_ids is not None:
+        return [check_patient_id(str(p), f"patient_ids[{i}]") for i, p in enumerate(patient_ids)]
+    clinical = cohort / "clinical.csv"
+    if clinical.exists():
+        return read_clinical_table(clinical, required=("patient_id",), typed=False)["patient_id"].tolist()
+    names = sorted(p.name for p in masks.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [check_patient_id(name, f"{masks / name} (a patient folder)") for name in names]
 
 
 def read_mask(path: Path) -> tuple[np.ndarray, float]:
@@ -157,20 +196,17 @@ def burden_features(cohort, masks=None, patient_ids=None) -> pd.DataFrame:
     """``patient_id`` + :data:`FEATURE_COLUMNS`, one row per patient (module docstring).
 
     Patients: ``patient_ids`` if given, else the cohort's clinical.csv, else the patient folders
-    of the masks folder. ``masks`` defaults to ``<cohort>/labels``. Every patient needs a mask
-    at t0, t1 and t2; a missing one raises FileNotFoundError listing every missing file.
+    of the masks folder (hidden ones skipped); every id follows the one patient-id rule
+    (:func:`analysis.cohort.check_patient_id`), else ValueError naming where it came from (the file
+    row of clinical.csv, the folder). ``masks`` defaults to ``<cohort>/labels``. Every patient needs
+    a mask at t0, t1 and t2; a missing one raises FileNotFoundError listing every missing file.
     """
     cohort = Path(cohort)
     masks = Path(masks) if masks is not None else cohort / "labels"
     if not masks.is_dir():
         raise FileNotFoundError(f"masks folder {masks} not found; expected "
                                 "<masks>/<patient_id>/t0.nii.gz ...")
-    if patient_ids is not None:
-        ids = [str(p) for p in patient_ids]
-    elif (cohort / "clinical.csv").exists():
-        ids = _clinical_ids(cohort / "clinical.csv")
-    else:
-        ids = sorted(p.name for p in masks.iterdir() if p.is_dir())
+    ids = _patient_ids(cohort, masks, patient_ids)
     # all missing files at once, so one run shows the whole gap instead of one file per attempt
     missing = [mask_path(masks, pid, tp) for pid in ids for tp in TIMEPOINTS
                if find_scan(masks, pid, tp) is None]
@@ -345,8 +381,8 @@ def burden_cli(cohort: str, out: str, masks: str | None = None, clinical: str | 
         conf = metrics.confusion(y, oof["pred_class"])
         comparison = _compare_with_dl(oof, dl, n_boot, seed) if dl is not None else None
     except (ValueError, FileNotFoundError) as exc:
-        # one clear line and nothing written, instead of a traceback
-        raise SystemExit(f"burden: {exc}") from None
+        # one line on stderr, exit status 2 and nothing written, instead of a traceback
+        raise usage_exit(f"burden: {exc}") from None
     write_csv(out_dir / "features.csv", feats)
     write_csv(out_dir / "oof_predictions.csv", oof)
     write_json(out_dir / "evaluation" / "metrics.json", res)

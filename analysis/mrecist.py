@@ -65,7 +65,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
-from analysis.cohort import LABELS, TIMEPOINTS, find_scan
+from analysis.clinical_table import read_clinical_table, usage_exit
+from analysis.cohort import LABELS, TIMEPOINTS, check_patient_id, find_scan
 from analysis.io import save_figure, write_csv
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,7 @@ def measure_patient(cohort: str | Path, masks: str | Path, patient_id: str, k: f
     ``min_target_mm`` is mRECIST's 10 mm; change it only for anatomy drawn at a reduced scale
     (small synthetic volumes), never for patient data.
     """
+    check_patient_id(patient_id, "measure_patient")  # the id names the scans' folders
     cohort, masks = Path(cohort), Path(masks)
     row: dict = {"patient_id": patient_id}
     notes: list[str] = []
@@ -426,14 +428,21 @@ def classify_diameters(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- cohort level
 def _patients(cohort: Path, masks: Path) -> list[str]:
+    """The cohort's patients: clinical.csv's ids in file order, else the folders under images/.
+
+    Ids follow the one patient-id rule (:func:`analysis.cohort.check_patient_id`), since each names
+    a folder: clinical.csv is read by :func:`analysis.clinical_table.read_clinical_table` (ids
+    checked, no repeats, refusals naming the file row); a folder under images/ whose name breaks the
+    rule is refused; hidden folders (``.name``) are not patients and are skipped.
+    """
     clinical = cohort / "clinical.csv"
     if clinical.exists():
-        ids = pd.read_csv(clinical, dtype=str, keep_default_na=False)["patient_id"].str.strip().tolist()
-        return [i for i in ids if i]
+        return read_clinical_table(clinical, required=("patient_id",), typed=False)["patient_id"].tolist()
     folder = cohort / "images"
     if not folder.is_dir():
         raise FileNotFoundError(f"{cohort}: neither clinical.csv nor images/ found; expected a cohort folder")
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [check_patient_id(name, f"{folder / name} (a patient folder)") for name in names]
 
 
 _ORDER = ["patient_id", "n_lesions_t0", "n_targets", "target1_longest_mm_t0", "target2_longest_mm_t0",
@@ -496,6 +505,18 @@ def plot_waterfall(table: pd.DataFrame, ax=None):
     return ax
 
 
+def _read_diameters(path: Path) -> pd.DataFrame:
+    """A --diameters table: the checks of :func:`analysis.clinical_table.read_clinical_table` (empty
+    file, delimiter, patient_id and sum_mm_t0 columns, the patient-id rule, no repeated id, file rows
+    in messages), then the numbers as pandas reads them."""
+    if not path.exists():
+        raise FileNotFoundError(f"diameters file {path} not found")
+    ids = read_clinical_table(path, required=("patient_id", "sum_mm_t0"), typed=False)["patient_id"]
+    frame = pd.read_csv(path, dtype={"patient_id": str})
+    frame["patient_id"] = ids.to_numpy()
+    return frame
+
+
 def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = "mrecist.csv",
                 diameters: str | None = None, k: float = DEFAULT_K, shell_mm: float = DEFAULT_SHELL_MM,
                 match_mm: float = DEFAULT_MATCH_MM, min_viable_mm3: float = DEFAULT_MIN_VIABLE_MM3,
@@ -523,18 +544,15 @@ def mrecist_cli(cohort: str | None = None, masks: str | None = None, out: str = 
     """
     try:
         if diameters is not None:
-            path = Path(diameters)
-            if not path.exists():
-                raise FileNotFoundError(f"diameters file {path} not found")
-            table = classify_diameters(pd.read_csv(path, dtype={"patient_id": str}))
+            table = classify_diameters(_read_diameters(Path(diameters)))
         elif cohort is not None:
             table = mrecist_from_masks(cohort, masks, k=k, shell_mm=shell_mm, match_mm=match_mm,
                                        min_viable_mm3=min_viable_mm3, min_target_mm=min_target_mm)
         else:
             raise ValueError("give --cohort DIR [--masks DIR] or --diameters FILE")
     except (FileNotFoundError, ValueError) as exc:
-        # a clear one-line message and nothing written, instead of a traceback
-        raise SystemExit(f"mrecist: {exc}") from exc
+        # one line on stderr, exit status 2 and nothing written, instead of a traceback
+        raise usage_exit(f"mrecist: {exc}") from None
     write_csv(out, table)
     if figure and len(table):
         save_figure(Path(out).parent / "figures" / "waterfall.png", plot_waterfall(table).figure,

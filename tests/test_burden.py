@@ -16,8 +16,14 @@ import pandas as pd
 import pytest
 
 from analysis import metrics
-from analysis.burden import (EPS_ML, FEATURE_COLUMNS, burden_cli, burden_features, burden_model,
-                             predict_burden_cv4)
+from analysis.burden import (
+    EPS_ML,
+    FEATURE_COLUMNS,
+    burden_cli,
+    burden_features,
+    burden_model,
+    predict_burden_cv4,
+)
 from analysis.datalists import write_datalists
 from analysis.io import save_nifti
 from analysis.models import PROB_COLUMNS
@@ -265,11 +271,15 @@ def test_clinical_without_patient_id_is_a_clear_error(shuffled_cohort, burden_ru
     bad = tmp_path / "clinical.csv"
     clin = pd.read_csv(shuffled_cohort / "clinical.csv")
     clin.rename(columns={"patient_id": "id"}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match="no patient_id column"):
+    missing = rf"{bad} row 1 \(header\): column 'patient_id' not found; expected a column of each name"
+    with pytest.raises(ValueError, match=missing):
         predict_burden_cv4(burden_run["features"], bad)
+    with pytest.raises(ValueError, match="clinical table: no patient_id column"):
+        predict_burden_cv4(burden_run["features"], clin.rename(columns={"patient_id": "id"}))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=f"burden: --clinical {bad}: no patient_id column"):
+    with pytest.raises(SystemExit, match=f"burden: {missing}") as info:
         burden_cli(str(shuffled_cohort), str(out), clinical=str(bad))
+    assert info.value.code == 2
     assert not out.exists()  # nothing written
 
 

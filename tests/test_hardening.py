@@ -305,3 +305,152 @@ def test_study_masks_written_only_inside_staging(tmp_path):
     (staging / "P001").unlink()
     assert study._masks(ctx, staging, _Bar()) == {"manual": 6}
     assert (staging / "P001" / "t2.nii.gz").read_bytes() == b"label"
+
+
+# ------------------------------------------------------------------------- mrecist and burden
+def _files(root: Path) -> set[str]:
+    """Every path under ``root`` (files and folders), relative: what a refused run must leave as it was."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _id_cohort(tmp_path: Path, ids: list[str] | None, case: str = "csv") -> Path:
+    """A cohort folder with empty images/ and labels/ and, unless ``ids`` is None, a clinical.csv."""
+    cohort = tmp_path / "cohort"
+    for sub in ("images", "labels"):
+        (cohort / sub).mkdir(parents=True)
+    if ids is not None:
+        _write(_clinical(len(ids)).assign(patient_id=ids), cohort / "clinical.csv", case)
+    return cohort
+
+
+def _mrecist(cohort: Path, out: Path):
+    from analysis.mrecist import mrecist_cli
+
+    return mrecist_cli(cohort=str(cohort), out=str(out / "mrecist.csv"))
+
+
+def _burden(cohort: Path, out: Path):
+    from analysis.burden import burden_cli
+
+    return burden_cli(str(cohort), str(out), n_boot=0)
+
+
+ID_VERBS = {"mrecist": _mrecist, "burden": _burden}
+RULE = r"expected letters, digits, '_' or '-' only \(the pattern \^\[A-Za-z0-9_-\]\+\$\)"
+
+
+@pytest.mark.parametrize("verb", sorted(ID_VERBS))
+def test_mrecist_and_burden_refuse_an_escaping_id_in_clinical_csv(tmp_path, capsys, verb):
+    cohort = _id_cohort(tmp_path, ["P000", ESCAPING, "P002"])
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        ID_VERBS[verb](cohort, tmp_path / "out")
+    assert info.value.code == 2
+    text = str(info.value)
+    assert re.fullmatch(rf"{verb}: .*cohort/clinical.csv row 3: patient_id: found '\.\./\.\./escaped'; {RULE}.*",
+                        text), text
+    assert capsys.readouterr().err == text + "\n"
+    assert _files(tmp_path) == before  # nothing written, inside the output folder or out of it
+
+
+@pytest.mark.parametrize("verb", sorted(ID_VERBS))
+def test_mrecist_and_burden_refuse_a_patient_folder_outside_the_rule(tmp_path, capsys, verb):
+    """No clinical.csv: the patients are folder names (images/ for mrecist, the masks for
+    burden_features; the burden verb itself needs clinical.csv for the labels); a hidden folder is
+    not a patient, a name breaking the rule is refused. A folder name cannot hold '/', so the rule's
+    other side is tested: a space."""
+    cohort = _id_cohort(tmp_path, None)
+    folder = cohort / ("images" if verb == "mrecist" else "labels")
+    for name in ("P001", ".hidden", "bad id"):
+        (folder / name).mkdir()
+    before = _files(tmp_path)
+    message = rf"{folder.name}/bad id \(a patient folder\): patient_id: found 'bad id'; {RULE}"
+    if verb == "mrecist":
+        with pytest.raises(SystemExit) as info:
+            _mrecist(cohort, tmp_path / "out")
+        assert info.value.code == 2
+        assert re.fullmatch(rf"mrecist: .*{message}.*", str(info.value)), str(info.value)
+        assert capsys.readouterr().err.count("\n") == 1
+    else:
+        from analysis.burden import burden_features
+
+        with pytest.raises(ValueError, match=message):
+            burden_features(cohort)
+    assert _files(tmp_path) == before
+    (folder / "bad id").rmdir()
+    if verb == "mrecist":
+        from analysis.mrecist import mrecist_from_masks
+
+        table = mrecist_from_masks(cohort)  # .hidden skipped: one patient, without scans
+        assert table["patient_id"].tolist() == ["P001"] and table["best_response"].tolist() == ["NA"]
+    else:
+        from analysis.burden import burden_features
+
+        with pytest.raises(FileNotFoundError, match=r"3 mask file\(s\) missing: .*P001/t0.nii.gz") as missing:
+            burden_features(cohort)
+        assert ".hidden" not in str(missing.value)
+
+
+def test_mrecist_and_burden_refuse_an_escaping_id_given_directly(tmp_path):
+    """The functions behind the verbs hold ids given in code to the same rule, before any path is made."""
+    from analysis.burden import burden_features, predict_burden_cv4
+    from analysis.mrecist import measure_patient
+
+    cohort = _id_cohort(tmp_path, None)
+    with pytest.raises(ValueError, match=rf"measure_patient: patient_id: found '\.\./\.\./escaped'; {RULE}"):
+        measure_patient(cohort, cohort / "labels", ESCAPING)
+    with pytest.raises(ValueError, match=rf"patient_ids\[1\]: patient_id: found '\.\./\.\./escaped'; {RULE}"):
+        burden_features(cohort, patient_ids=["P000", ESCAPING])
+    table = pd.DataFrame({"patient_id": ["P000", ESCAPING], "risk_class": [0, 1]})
+    with pytest.raises(ValueError, match=r"clinical table row 2: patient_id: found '\.\./\.\./escaped'"):
+        predict_burden_cv4(pd.DataFrame({"patient_id": ["P000"], "f": [1.0]}), table)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_mrecist_diameters_follow_the_id_rule(tmp_path):
+    from analysis.mrecist import mrecist_cli
+
+    src = tmp_path / "diameters.csv"
+    pd.DataFrame({"patient_id": ["a", ESCAPING, "a"], "sum_mm_t0": [40, 30, 20]}).to_csv(src, index=False)
+    with pytest.raises(SystemExit, match=r"mrecist: 2 problems: .*diameters.csv row 3: patient_id: found "
+                                         r"'\.\./\.\./escaped'.* \| .*diameters.csv row 4: patient_id: found "
+                                         r"'a' again \(first on row 2\)") as info:
+        mrecist_cli(diameters=str(src), out=str(tmp_path / "out" / "mrecist.csv"))
+    assert info.value.code == 2
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["duplicate", "empty"])
+@pytest.mark.parametrize("verb", sorted(ID_VERBS))
+def test_mrecist_and_burden_refuse_a_repeated_id_or_an_empty_clinical_csv(tmp_path, capsys, verb, case):
+    cohort = _id_cohort(tmp_path, ["P000", "P001", "P000"], case)
+    message = {"duplicate": r"clinical.csv row 4: patient_id: found 'P000' again \(first on row 2\); "
+                            r"expected one row per patient",
+               "empty": r"clinical.csv: empty file; expected a comma-separated table with a header row"}[case]
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        ID_VERBS[verb](cohort, tmp_path / "out")
+    assert info.value.code == 2
+    text = str(info.value)
+    assert text.startswith(f"{verb}: ") and "\n" not in text and re.search(message, text), text
+    assert capsys.readouterr().err == text + "\n"
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("verb, case, args", [
+    ("mrecist", "duplicate", ["--cohort", "{cohort}", "--out", "{out}/mrecist.csv"]),
+    ("burden", "empty", ["{cohort}", "--out", "{out}"]),
+])
+def test_mrecist_and_burden_command_line_one_line_exit_2(tmp_path, verb, case, args):
+    cohort = _id_cohort(tmp_path, ["P000", "P001", "P000"], case)
+    before = _files(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "analysis", verb,
+                           *[a.format(cohort=cohort, out=tmp_path / "out") for a in args]],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{verb}: ")]
+    expected = {"duplicate": "clinical.csv row 4: patient_id: found 'P000' again (first on row 2)",
+                "empty": "clinical.csv: empty file; expected a comma-separated table"}[case]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert _files(tmp_path) == before
