@@ -39,6 +39,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
                      "fetch a bundle zip (URL or path), verify every file, unpack"),
     "verify-bundle": ("analysis.bundle_archive", "verify_bundle_cli",
                       "check a fetched bundle's files against its manifest"),
+    "federated-job": ("analysis.federated", "federated_job_cli",
+                      "NVFlare FedAvg job of a bundle over N sites' datalists; export its global model"),
 }
 
 
