@@ -7,8 +7,9 @@ Site A exports a bundle with its weights::
 which writes ``dist/hcc_liver_seg_v<version>.zip`` and ``dist/hcc_liver_seg_v<version>.zip.sha256``.
 The archive holds ``<name>/configs``, ``<name>/scripts``, ``<name>/docs``, ``<name>/LICENSE``,
 ``<name>/large_files.yml``, ``<name>/models/model.pt`` (the weights, byte for byte),
-``<name>/models/model.ts`` (traced by MONAI's ``ckpt_export``) and ``<name>/manifest.json``, the
-sha256 and size of every other member.
+``<name>/models/model.ts`` (traced by MONAI's ``ckpt_export``), ``<name>/models/model.onnx`` when
+the bundle has one (``python -m analysis export-onnx``; it must come from the same weights) and
+``<name>/manifest.json``, the sha256 and size of every other member.
 
 Site B fetches it, from a URL (MONAI's ``download_url`` checks the sha256) or a local path::
 
@@ -217,6 +218,28 @@ def _trace_child(bundle: str, configs_json: str, weights: str, key_in_ckpt: str,
     print(json.dumps(shape))
 
 
+def _copy_onnx(bundle: Path, root: Path, model_sha: str, weights_path: Path) -> str:
+    """Ship ``models/model.onnx`` (``python -m analysis export-onnx``) when the bundle has one; its
+    sha256 goes into the manifest like every member's, and into large_files.yml (returned entry).
+    A file exported from other weights than the ones exported here is refused."""
+    src = bundle / "models" / "model.onnx"
+    if not src.is_file():
+        return ""
+    from analysis.onnx_export import WEIGHTS_SHA_KEY, onnx_metadata
+
+    try:
+        source_sha = onnx_metadata(src).get(WEIGHTS_SHA_KEY, "")
+    except Exception as e:  # noqa: BLE001 - not an ONNX file: name it
+        raise BundleExportError(f"{src}: not a readable ONNX file ({type(e).__name__}: {e})") from e
+    if source_sha != model_sha:
+        raise BundleExportError(f"{src}: exported from weights with sha256 {source_sha or 'unknown'}, not from "
+                                f"{weights_path} ({model_sha}); export it again (python -m analysis export-onnx "
+                                f"--bundle {bundle} --weights {weights_path}) or remove it")
+    shutil.copy2(src, root / "models" / "model.onnx")
+    sha = io.file_sha256(root / "models" / "model.onnx")
+    return f"  - path: \"models/model.onnx\"\n    url: \"\"\n    hash_type: \"sha256\"\n    hash_val: \"{sha}\"\n"
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
@@ -302,13 +325,14 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, weights: st
         if trace:
             shape = _trace(root, configs, root / "models" / "model.pt", key_in_ckpt, root / "models" / "model.ts")
         model_sha = io.file_sha256(root / "models" / "model.pt")
+        onnx_entry = _copy_onnx(bundle, root, model_sha, weights_path)
         overlay_note = f"configs/{overlay_path.name}" if overlay_path else None
         (root / "large_files.yml").write_text(
             "# written by python -m analysis export-bundle: the weights inside this archive.\n"
             "# A site that hosts them replaces url with its own server; hash_val stays.\n"
             "large_files:\n"
-            f"  - path: \"models/model.pt\"\n    url: \"\"\n    hash_type: \"sha256\"\n    hash_val: \"{model_sha}\"\n",
-            encoding="utf-8")
+            f"  - path: \"models/model.pt\"\n    url: \"\"\n    hash_type: \"sha256\"\n    hash_val: \"{model_sha}\"\n"
+            + onnx_entry, encoding="utf-8")
         manifest = _manifest(root, name, version)
         manifest.update({"feature_size": feature_size, "weights_overlay": overlay_note, "traced_input_shape": shape,
                          "weights_source": weights_path.name})

@@ -41,6 +41,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
                       "check a fetched bundle's files against its manifest"),
     "federated-job": ("analysis.federated", "federated_job_cli",
                       "NVFlare FedAvg job of a bundle over N sites' datalists; export its global model"),
+    "export-onnx": ("analysis.onnx_export", "export_onnx_cli",
+                    "a bundle's network with its weights as ONNX (models/model.onnx) for --backend onnxruntime"),
 }
 
 
