@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-TOPICS = ("seg", "prognosis", "radiomics", "mrecist", "study", "validate")
+TOPICS = ("seg", "prognosis", "radiomics", "mrecist", "study", "validate", "onnx")
 
 
 def hardware() -> dict:
