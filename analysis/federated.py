@@ -268,6 +268,15 @@ def write_job(bundle: str | Path, cohort: str | Path, out: str | Path, sites: in
     lists, site_of = site_datalists(cohort, kind, sites, seed=seed, folds=folds, val_fraction=val_fraction,
                                     masks=masks)
     names = [f"site-{k + 1}" for k in range(sites)]
+    for name, dl in zip(names, lists):
+        # a site trains and validates every round: it needs patients on both sides
+        if kind == "segmentation":
+            short = not dl["training"] or not dl["validation"]
+        else:
+            short = len({e["fold"] for e in dl["training"]}) < 2
+        if short:
+            raise ValueError(f"{name} has too few labelled patients to train and validate "
+                             f"({len(site_of[site_of == names.index(name)])} patients): use fewer --sites")
     datalists = {}
     for name, dl in zip(names, lists):
         filename = "segmentation.json" if kind == "segmentation" else "prognosis.json"

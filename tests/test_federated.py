@@ -127,6 +127,11 @@ def test_pretrained_that_does_not_fit_is_refused(small_cohort, tmp_path):
                   datalist_dir=tmp_path / "dl")  # feature_size 48 of train.json, weights of 12
 
 
+def test_too_many_sites_is_a_clear_error(small_cohort, tmp_path):
+    with pytest.raises(ValueError, match="too few labelled patients"):
+        write_job(SEG, small_cohort, tmp_path / "job", sites=12, rounds=1, datalist_dir=tmp_path / "dl")
+
+
 def test_prognosis_job(small_cohort, tmp_path):
     result = write_job(PROG, small_cohort, tmp_path / "job", sites=2, rounds=1, pretrained="shipped",
                        datalist_dir=tmp_path / "dl")
