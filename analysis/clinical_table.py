@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.cohort import INTEGER_COLUMNS, NUMBER_COLUMNS, check_patient_id, read_clinical
+from analysis.cohort import check_patient_id, read_clinical, type_columns
 
 __all__ = [
     "FIRST_ROW",
@@ -127,21 +127,6 @@ def _check_columns(frame: pd.DataFrame, path: Path, required) -> None:
                               f"expected a column of each name (found: {', '.join(map(str, frame.columns))})")
 
 
-def _typed_without_rule(frame: pd.DataFrame) -> pd.DataFrame:
-    """The typing of analysis.cohort.read_clinical for a table lacking a rule column (no derived
-    risk_class): numbers as float, whole-number columns as Int64, empty categorical cells as None."""
-    for col in NUMBER_COLUMNS:
-        if col in frame:
-            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
-    for col in INTEGER_COLUMNS:
-        if col in frame:
-            frame[col] = pd.to_numeric(frame[col].replace("", None), errors="coerce").astype("Int64")
-    for col in ("mrecist", "aetiology"):
-        if col in frame:
-            frame[col] = frame[col].replace({"": None})
-    return frame
-
-
 def read_clinical_table(path: str | Path, required=("patient_id",), typed: bool = True) -> pd.DataFrame:
     """clinical.csv (or any per-patient table) after the checks every verb makes on it.
 
@@ -161,7 +146,8 @@ def read_clinical_table(path: str | Path, required=("patient_id",), typed: bool 
         return text
     if all(c in text for c in RULE_COLUMNS):
         return read_clinical(path)
-    return _typed_without_rule(text)
+    # no rule column: read_clinical's typing without a derived risk_class
+    return type_columns(text)
 
 
 def usage_exit(message: str) -> SystemExit:

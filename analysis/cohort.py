@@ -152,13 +152,9 @@ def read_clinical_rows(path: str | Path) -> list[dict]:
     return [{c: _parse_cell(c, v) for c, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
-def read_clinical(path: str | Path) -> pd.DataFrame:
-    """clinical.csv as a typed DataFrame; ``risk_class`` is filled from the rule where absent.
-
-    Does not validate: run :func:`validate_cohort` first on untrusted input.
-    """
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    frame["patient_id"] = frame["patient_id"].str.strip()
+def type_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """clinical.csv's columns typed (in place, and returned): numbers as float, whole-number
+    columns as Int64, empty categorical cells as None."""
     for col in NUMBER_COLUMNS:
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
@@ -168,6 +164,17 @@ def read_clinical(path: str | Path) -> pd.DataFrame:
     for col in ("mrecist", "aetiology"):
         if col in frame:
             frame[col] = frame[col].replace({"": None})
+    return frame
+
+
+def read_clinical(path: str | Path) -> pd.DataFrame:
+    """clinical.csv as a typed DataFrame; ``risk_class`` is filled from the rule where absent.
+
+    Does not validate: run :func:`validate_cohort` first on untrusted input.
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame["patient_id"] = frame["patient_id"].str.strip()
+    frame = type_columns(frame)
     derived = derive_risk_class(frame)
     if "risk_class" not in frame:
         frame["risk_class"] = derived

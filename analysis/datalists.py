@@ -24,6 +24,20 @@ def _rel(path: Path, base: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
 
 
+def deal_by_class(labels: pd.Series, groups: int, seed: int = 0) -> pd.Series:
+    """Group 0..groups-1 of every row: each class's rows, shuffled, dealt round-robin over the
+    groups, carrying on where the previous class stopped, so group sizes differ by at most one
+    and every class is spread as evenly as its size allows."""
+    rng = np.random.default_rng(seed)
+    out = pd.Series(-1, index=labels.index, dtype=int)
+    slot = 0
+    for cls in sorted(labels.unique()):
+        for m in rng.permutation(np.flatnonzero(labels.to_numpy() == cls)):
+            out.iloc[m] = slot % groups
+            slot += 1
+    return out
+
+
 def assign_folds(labels: pd.Series, folds: int = 4, seed: int = 0) -> pd.Series:
     """Patient-level folds 0..folds-1, stratified by label (sklearn StratifiedKFold, shuffled).
 
@@ -41,14 +55,7 @@ def assign_folds(labels: pd.Series, folds: int = 4, seed: int = 0) -> pd.Series:
         # shuffled patients round-robin over the folds, carrying on where the last class stopped
         log.warning("no class has %d patients: folds are dealt round-robin per class instead of "
                     "StratifiedKFold", folds)
-        rng = np.random.default_rng(seed)
-        slot = 0
-        for cls in sorted(labels.unique()):
-            members = rng.permutation(np.flatnonzero(labels.to_numpy() == cls))
-            for m in members:
-                out.iloc[m] = slot % folds
-                slot += 1
-        return out
+        return deal_by_class(labels, folds, seed)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     import warnings
 

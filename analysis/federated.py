@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import io
-from analysis.datalists import assign_folds, prognosis_datalist, segmentation_datalist
+from analysis.datalists import assign_folds, deal_by_class, prognosis_datalist, segmentation_datalist
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ def split_sites(strata: pd.Series, sites: int, seed: int = 0) -> pd.Series:
     if strata.index.has_duplicates:
         raise ValueError("a patient id appears more than once")
     keys = strata.astype("object").where(strata.notna(), "undefined").astype(str)
-    rng = np.random.default_rng(seed)
-    out = pd.Series(-1, index=strata.index, dtype=int)
-    slot = 0
-    for stratum in sorted(keys.unique()):
-        members = rng.permutation(np.flatnonzero(keys.to_numpy() == stratum))
-        for m in members:
-            out.iloc[m] = slot % sites
-            slot += 1
-    return out
+    return deal_by_class(keys, sites, seed)
 
 
 def _kind(bundle: Path) -> str:
