@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from analysis.federated import GLOBAL_MODEL, INITIAL_MODEL, site_datalists, split_sites, write_job
+from analysis.federated_client import ROUND_STATE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEG = REPO_ROOT / "bundles" / "hcc_liver_seg"
@@ -197,3 +198,13 @@ def test_simulator_two_sites_two_rounds(small_cohort, tmp_path):
     for k, site in enumerate(local, 1):
         assert differs(glob, site), f"the global model equals site-{k}'s local weights"
     assert differs(local[0], local[1])
+
+    # each site's schedule ran over the whole job (2 rounds x 1 epoch), carried across the simulator's
+    # fresh client process of round 2, not restarted at its warm-up epoch
+    for k in (1, 2):
+        app = work / f"site-{k}" / "simulate_job" / f"app_site-{k}"
+        state = torch.load(app / "models" / ROUND_STATE, map_location="cpu", weights_only=True)
+        assert (state["epoch"], state["lr_scheduler"]["last_epoch"]) == (2, 2)
+        assert state["lr_scheduler"]["t_total"] == 2, "the schedule shrank to one round"
+        assert "resumed the site's training state at epoch 1" in log + "".join(
+            p.read_text(errors="replace") for p in (work / f"site-{k}").rglob("log*.txt")), log[-4000:]
