@@ -454,7 +454,7 @@ def make_clinical(n_patients: int, seed: int) -> pd.DataFrame:
     latent prognosis, tumour volumes and viable diameters per time point) that ``clinical.csv``
     does not carry. Identical to what :func:`make_cohort` writes for the same ``seed``.
     """
-    _check_args(n_patients, 32, seed)
+    check_args(n_patients, 32, seed)
     return _table(_plans(n_patients, seed))
 
 
@@ -665,7 +665,8 @@ def _write_patient(plan: PatientPlan, scan_ss: np.random.SeedSequence, shape: in
         save_nifti(out / "labels" / plan.patient_id / f"{tp}.nii.gz", label, affine, dtype=np.uint8)
 
 
-def _check_args(n_patients, shape, seed, names=("n_patients", "shape", "seed")) -> None:
+def check_args(n_patients, shape, seed, names=("n_patients", "shape", "seed")) -> None:
+    """ValueError naming the argument (``names``) unless n_patients >= 1, shape >= 16 and seed >= 0 are integers."""
     def whole(value) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -718,7 +719,7 @@ def make_cohort(out_dir, n_patients: int = 181, shape: int = 128, seed: int = 0,
     ``shape`` is the in-plane matrix S (S x S, ``max(8, round(0.4 S))`` slices of 5 mm).
     clinical.csv and cohort.json are written last, so a cohort folder with a cohort.json is complete.
     """
-    _check_args(n_patients, shape, seed)
+    check_args(n_patients, shape, seed)
     out = Path(out_dir)
     _prepare_out(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -757,7 +758,7 @@ def synth_cli(out, patients: int = 181, shape: int = 128, seed: int = 0) -> str:
         seed: generator seed, an integer >= 0; with one seed, patient i is the same whatever --patients.
     """
     try:
-        _check_args(patients, shape, seed, names=("--patients", "--shape", "--seed"))
+        check_args(patients, shape, seed, names=("--patients", "--shape", "--seed"))
         path = make_cohort(out, n_patients=patients, shape=shape, seed=seed, progress=True)
     except (ValueError, FileExistsError) as exc:
         raise SystemExit(f"analysis synth: {exc}") from None
