@@ -41,6 +41,12 @@ VERBS: dict[str, tuple[str, str, str]] = {
                       "check a fetched bundle's files against its manifest"),
     "federated-job": ("analysis.federated", "federated_job_cli",
                       "NVFlare FedAvg job of a bundle over N sites' datalists; export its global model"),
+    "synth-dicom": ("analysis.dicom_synth", "synth_dicom_cli",
+                    "a synthetic cohort as DICOM MR series + series.csv + clinical.csv (import-dicom's input)"),
+    "import-dicom": ("analysis.dicom_import", "import_dicom_cli",
+                     "DICOM series (mapped by series.csv) -> cohort folder with provenance; exit 2 listing every problem"),
+    "dicom-seg": ("analysis.dicom_seg", "dicom_seg_cli",
+                  "segmentation masks of DICOM-imported scans -> DICOM Segmentation objects (liver, tumour)"),
     "export-onnx": ("analysis.onnx_export", "export_onnx_cli",
                     "a bundle's network with its weights as ONNX (models/model.onnx) for --backend onnxruntime"),
 }
