@@ -278,6 +278,7 @@ def dicom_seg_cli(masks: str, cohort: str, dicom: str, out: str, bundle: str | N
     from analysis.dicom_import import require_dicom
     from analysis.flags import as_bool
 
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per source image otherwise
     try:
         require_dicom("pydicom", "highdicom")
         written = write_dicom_segs(masks, cohort, dicom, out, bundle=bundle, progress=not as_bool(quiet, "quiet"))

@@ -394,6 +394,12 @@ def test_dicom_seg_reads_back_with_segments_references_and_frames(dicom_set, imp
             assert not np.any(rebuilt[:, :, k][frames[f].T > 0])  # one segment per voxel
             rebuilt[:, :, k][frames[f].T > 0] = number
         assert np.array_equal(rebuilt, truth["label"]), (pid, tp)
+        # highdicom parses it back as a Segmentation of the source series
+        import highdicom as hd
+
+        parsed = hd.seg.segread(tmp_path / "seg" / pid / f"{tp}.dcm")
+        assert parsed.get_segment_numbers() == [1, 2]
+        assert {uid for _, _, uid in parsed.get_source_image_uids()} == set(truth["sop_uids"])
     index = pd.read_csv(tmp_path / "seg" / "segmentations.csv", dtype=str)
     assert len(index) == 6 and set(index["segments"]) == {"1 Liver;2 Tumour"}
 
