@@ -28,7 +28,8 @@ all at once (one line each, exit status 2, nothing written): a gap between slice
 :data:`GAP_FACTOR` x the median step, duplicate slice positions (two phases or acquisitions in one
 series, say), slice positions off the slice normal, mixed orientations, image sizes or pixel
 spacings within a series, a series that is not MR (or not single-frame MR Image Storage), fewer
-than ``MIN_SCAN_VOXELS`` slices, pixel data pydicom cannot decode here, a patient without all three
+than ``MIN_SCAN_VOXELS`` slices, pixel data pydicom cannot decode here or that is not MONOCHROME2,
+a DICOM file under DIR whose header is unreadable or cut short, a patient without all three
 time points, a series UID not found under DIR, a folder holding no or several series, map or
 clinical rows that break the contracts. The cohort is written into a temporary folder beside
 ``--out``, checked by ``validate``, and renamed onto ``--out`` at the end.
@@ -84,6 +85,7 @@ SPACING_TOLERANCE_MM = 1e-3
 OFF_NORMAL_FRACTION = 0.1
 #: the classic, one-image-per-file MR storage class this import reads
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 IMPORTER = "analysis.dicom_import"
 SERIES_RECORD = "dicom_series.json"
 PROVENANCE = "dicom_provenance.csv"
@@ -211,11 +213,12 @@ def _instance(path: Path, ds) -> Instance:
         slope=_number(ds, "RescaleSlope", 1.0), intercept=_number(ds, "RescaleIntercept", 0.0))
 
 
-def index_dicom(folder: str | os.PathLike, progress: bool = False) -> dict[str, list[Instance]]:
-    """SeriesInstanceUID -> its instances, from every DICOM file under ``folder`` (headers only).
+def index_dicom(folder: str | os.PathLike, progress: bool = False) -> tuple[dict[str, list[Instance]], list[Path]]:
+    """(SeriesInstanceUID -> its instances, DICOM files whose header is unreadable) under ``folder``.
 
-    Files that are not DICOM (no ``DICM`` preamble), DICOMDIR files and files without a
-    SeriesInstanceUID are skipped; hidden files and folders too.
+    Headers only. Files that are not DICOM (no ``DICM`` preamble) and DICOMDIR files are skipped,
+    hidden files and folders too; a DICOM file whose header pydicom cannot parse or that holds no
+    SeriesInstanceUID (every stored image has one: a file cut short, say) is in the second list.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -228,21 +231,28 @@ def index_dicom(folder: str | os.PathLike, progress: bool = False) -> dict[str, 
     from tqdm.auto import tqdm
 
     series: dict[str, list[Instance]] = {}
-    skipped = 0
+    skipped, broken = 0, []
     for path in tqdm(files, desc="read DICOM headers", unit="file", disable=not progress or len(files) < 200):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            inst = _instance(path, ds)
+        except InvalidDicomError:  # no DICOM preamble: another kind of file
             skipped += 1
             continue
-        inst = _instance(path, ds)
+        except Exception:  # noqa: BLE001 - a DICOM file whose header pydicom cannot parse, whatever the error
+            broken.append(path)
+            continue
         if not inst.series_uid:
-            skipped += 1
+            meta = getattr(ds, "file_meta", None)
+            if str(getattr(meta, "MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+                skipped += 1  # a DICOMDIR under another name
+            else:
+                broken.append(path)  # every stored image has one: a header cut short, say
             continue
         series.setdefault(inst.series_uid, []).append(inst)
     log.info("%s: %d DICOM file(s) in %d series (%d other file(s) skipped)", root, sum(map(len, series.values())),
              len(series), skipped)
-    return series
+    return series, broken
 
 
 # ---------------------------------------------------------------------------------- geometry
@@ -302,10 +312,10 @@ def series_geometry(instances: list[Instance], where: str, root: Path | None = N
     if frames != [1] and set(classes) == {MR_IMAGE_STORAGE}:
         add("NumberOfFrames", _listed(frames), "1 (one image per file)")
     formats = Counter((i.samples, i.photometric) for i in instances)
-    bad_format = [f for f in formats if f[0] != 1 or f[1] not in ("MONOCHROME1", "MONOCHROME2")]
+    bad_format = [f for f in formats if f[0] != 1 or f[1] != "MONOCHROME2"]
     if bad_format:
         add("pixel format", _listed(f"SamplesPerPixel {s}, {p or 'no PhotometricInterpretation'}" for s, p in bad_format),
-            "grey-level images (SamplesPerPixel 1, MONOCHROME2 or MONOCHROME1)")
+            "grey-level images, higher values brighter (SamplesPerPixel 1, MONOCHROME2)")
     for syntax in sorted({i.transfer_syntax for i in instances}):
         why = _decodable(syntax)
         if why:
@@ -604,7 +614,10 @@ def import_dicom(dicom, map, clinical, out, progress: bool = True) -> Path:  # n
     else:
         clinical_problems, clinical_ids = validate_clinical(clinical)
         problems += clinical_problems
-    series = index_dicom(dicom, progress=progress)
+    series, broken = index_dicom(dicom, progress=progress)
+    # its series is unknown, and a slice of a mapped series may be among them
+    problems += [Problem(str(path), "DICOM header", "unreadable or cut short (no SeriesInstanceUID)",
+                         "a complete DICOM file, or no such file under --dicom") for path in broken]
     if not map_path.is_file():
         problems.append(Problem(str(map_path), "--map", "no such file", "series.csv: patient_id,timepoint,series_uid|folder"))
         rows = []

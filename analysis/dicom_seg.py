@@ -192,7 +192,7 @@ def write_dicom_segs(masks, cohort, dicom, out, bundle=None, progress: bool = Tr
     if not found and not problems:
         problems.append(Problem(str(masks), "masks", "no <patient_id>/t0|t1|t2.nii.gz file",
                                 "the masks layout of docs/contracts.md (hcc_liver_seg inference output)"))
-    series = index_dicom(dicom, progress=progress)
+    series, _ = index_dicom(dicom, progress=progress)  # a lost source image is found missing below
     root = dicom.resolve()
     jobs = []
     for pid, tp, path in found:

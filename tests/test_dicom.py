@@ -320,6 +320,17 @@ def test_unreadable_pixels_are_refused_and_leave_nothing(dicom_set, tmp_path, ca
     assert len(lines) == 1 and "HCC002 t2" in lines[0] and "pixel data" in lines[0]
 
 
+def test_a_dicom_file_cut_short_is_refused_by_name(dicom_set, tmp_path, capsys):
+    """The last slice cut inside its header: pydicom reads what is there, without a series or a
+    position; the file is named, rather than the scan imported one slice short."""
+    site = _copy(dicom_set, tmp_path)
+    path = _files(site, dicom_set["truth"]["HCC001", "t2"])[-1]
+    path.write_bytes(path.read_bytes()[:400])
+    lines = _refused(site, tmp_path, capsys)
+    assert lines == [f"{path}: DICOM header: found unreadable or cut short (no SeriesInstanceUID); expected a "
+                     "complete DICOM file, or no such file under --dicom"]
+
+
 def test_command_line_exit_status(dicom_set, tmp_path):
     site = _copy(dicom_set, tmp_path)
     run = lambda out: subprocess.run([sys.executable, "-m", "analysis", "import-dicom", "--dicom", str(site / "dicom"),  # noqa: E731
