@@ -101,12 +101,25 @@ HEADER_TAGS = [
 MAX_LISTED = 3
 
 
-class DicomImportError(ValueError):
+class DicomProblems(ValueError):
     """Every problem found, one per line; nothing was written."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+    def exit(self, out) -> SystemExit:
+        """Print the problems on stderr, one a line, and return the SystemExit (status 2) to raise."""
+        import sys
+
+        for p in self.problems:
+            print(p, file=sys.stderr)
+        print(f"{len(self.problems)} problem(s): nothing written to {out}", file=sys.stderr)
+        return SystemExit(2)
+
+
+class DicomImportError(DicomProblems):
+    """The series, the map or the clinical table cannot make a cohort."""
 
 
 @dataclass(frozen=True)
@@ -715,18 +728,13 @@ def import_dicom_cli(dicom: str, map: str, clinical: str, out: str, quiet: bool 
         out: the cohort folder to write; new, empty or an earlier import (replaced at the end, in one rename).
         quiet: no progress bars.
     """
-    import sys
-
     from analysis.flags import as_bool
 
     try:
         require_dicom("pydicom")
         path = import_dicom(dicom, map, clinical, out, progress=not as_bool(quiet, "quiet"))
     except DicomImportError as exc:
-        for p in exc.problems:
-            print(p, file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s): nothing written to {out}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise exc.exit(out) from None
     except ValueError as exc:
         from analysis.clinical_table import usage_exit
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.cohort import AFFINE_TOLERANCE_MM, TIMEPOINTS, Problem, find_scan, is_patient_id
+from analysis.dicom_import import DicomProblems
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,8 @@ MANUFACTURER = "hcc-tace-prognosis"
 INDEX = "segmentations.csv"
 
 
-class DicomSegError(ValueError):
-    """Every problem found, one per line; nothing was written."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+class DicomSegError(DicomProblems):
+    """The masks, the cohort or the source series cannot make Segmentation objects."""
 
 
 def segment_descriptions(algorithm: str, version: str) -> list:
@@ -273,8 +270,6 @@ def dicom_seg_cli(masks: str, cohort: str, dicom: str, out: str, bundle: str | N
             algorithm in each object; default the repository's bundles/hcc_liver_seg).
         quiet: no progress bars.
     """
-    import sys
-
     from analysis.dicom_import import require_dicom
     from analysis.flags import as_bool
 
@@ -283,10 +278,7 @@ def dicom_seg_cli(masks: str, cohort: str, dicom: str, out: str, bundle: str | N
         require_dicom("pydicom", "highdicom")
         written = write_dicom_segs(masks, cohort, dicom, out, bundle=bundle, progress=not as_bool(quiet, "quiet"))
     except DicomSegError as exc:
-        for p in exc.problems:
-            print(p, file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s): nothing written to {out}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise exc.exit(out) from None
     except ValueError as exc:
         from analysis.clinical_table import usage_exit
 

@@ -83,7 +83,7 @@ def _flat_weights(files: list[Path]) -> dict:
     import torch
 
     state = torch.load(files[-1], map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state.get("model"), dict) else state
+    return state["model"] if isinstance(state.get("model"), dict) else state  # a training checkpoint, or flat
 
 
 def train_plain(bundle: Path, setup: dict, datalist: Path, cohort: Path, out: Path, epochs: int, init: Path) -> Path:
